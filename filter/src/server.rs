@@ -1,0 +1,155 @@
+//! Listening sockets and the life of connections: accept on TCP (with
+//! TCP_NODELAY) or a Unix socket, serve each connection on its own task, and
+//! on shutdown stop accepting and wait until every connection has finished
+//! its requests in flight.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::device::BlockDevice;
+use crate::nbd::{serve_connection, Export};
+
+/// Where to listen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+/// A bound listening socket.
+#[derive(Debug)]
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// Binds `addr`. A stale Unix socket file at the path is replaced; any
+    /// other file there is an error.
+    pub async fn bind(addr: &ListenAddr) -> io::Result<Self> {
+        match addr {
+            ListenAddr::Tcp(addr) => Ok(Listener::Tcp(TcpListener::bind(addr).await?)),
+            ListenAddr::Unix(path) => {
+                remove_stale_socket(path)?;
+                Ok(Listener::Unix(UnixListener::bind(path)?, path.clone()))
+            }
+        }
+    }
+
+    /// The address as a client would name it, e.g. `127.0.0.1:10809` or `unix:/run/cdp.sock`.
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map_or_else(|e| format!("tcp (unknown: {e})"), |a| a.to_string()),
+            Listener::Unix(_, path) => format!("unix:{}", path.display()),
+        }
+    }
+}
+
+fn remove_stale_socket(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path),
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket", path.display()),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Serves `export` on every listener until `shutdown` is cancelled, then
+/// waits for all connections to finish.
+pub async fn serve<D: BlockDevice>(
+    listeners: Vec<Listener>,
+    export: Arc<Export<D>>,
+    shutdown: CancellationToken,
+) {
+    let connections = TaskTracker::new();
+    let acceptors = TaskTracker::new();
+    for listener in listeners {
+        let export = export.clone();
+        let shutdown = shutdown.clone();
+        let connections = connections.clone();
+        acceptors.spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    accepted = listener.accept() => accepted,
+                };
+                match accepted {
+                    Ok(connection) => {
+                        connections.spawn(run_connection(connection, export.clone(), shutdown.clone()));
+                    }
+                    Err(e) => {
+                        tracing::warn!(listener = %listener.describe(), error = %e, "accept failed");
+                        // Out of descriptors and the like: let things settle.
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                }
+            }
+            if let Listener::Unix(_, path) = &listener {
+                let _ = std::fs::remove_file(path);
+            }
+        });
+    }
+    acceptors.close();
+    acceptors.wait().await;
+    connections.close();
+    connections.wait().await;
+}
+
+/// An accepted connection and who is on the other end.
+enum Connection {
+    Tcp(TcpStream, SocketAddr),
+    Unix(UnixStream),
+}
+
+impl Listener {
+    async fn accept(&self) -> io::Result<Connection> {
+        match self {
+            Listener::Tcp(l) => {
+                let (stream, peer) = l.accept().await?;
+                stream.set_nodelay(true)?;
+                Ok(Connection::Tcp(stream, peer))
+            }
+            Listener::Unix(l, _) => Ok(Connection::Unix(l.accept().await?.0)),
+        }
+    }
+}
+
+async fn run_connection<D: BlockDevice>(
+    connection: Connection,
+    export: Arc<Export<D>>,
+    shutdown: CancellationToken,
+) {
+    let (peer, end) = match connection {
+        Connection::Tcp(stream, peer) => {
+            let (r, w) = stream.into_split();
+            (
+                peer.to_string(),
+                serve_connection(r, w, export, shutdown).await,
+            )
+        }
+        Connection::Unix(stream) => {
+            let (r, w) = stream.into_split();
+            (
+                "unix".to_string(),
+                serve_connection(r, w, export, shutdown).await,
+            )
+        }
+    };
+    if end.is_orderly() {
+        tracing::info!(%peer, "connection closed: {end}");
+    } else {
+        tracing::warn!(%peer, "connection closed: {end}");
+    }
+}
