@@ -13,6 +13,12 @@ use filter::nbd::ExportConfig;
 use filter::server::ListenAddr;
 use filter::service::{self, FilterConfig};
 
+/// mimalloc keeps freed memory for reuse instead of returning large blocks to
+/// the kernel at once as glibc does; with payloads of up to 32 MiB per request
+/// that saves a page fault per 4 KiB of every large request.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "cdp",

@@ -8,7 +8,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// How much to ask the socket for at once when more bytes are needed.
-const READ_CHUNK: usize = 256 * 1024;
+const READ_CHUNK: usize = 64 * 1024;
 
 #[derive(Debug)]
 pub struct Inbound<R> {
