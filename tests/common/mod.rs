@@ -3,7 +3,7 @@
 //! everything on drop. Every helper panics with what it saw.
 #![allow(dead_code)] // each test binary uses its own subset of the harness
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -235,7 +235,244 @@ impl LoopDevice {
 
 impl Drop for LoopDevice {
     fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
+        let _ = self.release();
+    }
+}
+
+impl LoopDevice {
+    /// Detaches the device and waits until the kernel has let go of the
+    /// backing file; panics if it does not.
+    pub fn detach(mut self) {
+        if let Err(e) = self.release() {
+            panic!("{e}");
+        }
+    }
+
+    /// `losetup -d` (retried while it fails), then waits up to 10 s for the
+    /// binding to go: the kernel clears it only on the last close, so a
+    /// short-lived opener (udev, blkid) can delay it. Idempotent.
+    fn release(&mut self) -> Result<(), String> {
+        let path = std::mem::take(&mut self.path);
+        if path.as_os_str().is_empty() {
+            return Ok(());
+        }
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let bound = PathBuf::from(format!("/sys/block/{name}/loop"));
+        let result = retry(Duration::from_secs(10), || {
+            if !bound.exists() {
+                return Ok(());
+            }
+            let output = Command::new("losetup").arg("-d").arg(&path).output();
+            match output {
+                Ok(_) if !bound.exists() => Ok(()),
+                Ok(o) if !o.status.success() => Err(format!(
+                    "losetup -d {} failed with {}: {}",
+                    path.display(),
+                    o.status,
+                    String::from_utf8_lossy(&o.stderr).trim()
+                )),
+                Ok(_) => Err(format!("{} is still bound", path.display())),
+                Err(e) => Err(format!("cannot run losetup: {e}")),
+            }
+        });
+        result.map_err(|e| format!("cannot detach {}: {e}", path.display()))
+    }
+}
+
+/// Calls `attempt` every 100 ms until it succeeds or `patience` has passed;
+/// returns its last error.
+pub fn retry<T>(
+    patience: Duration,
+    mut attempt: impl FnMut() -> Result<T, String>,
+) -> Result<T, String> {
+    let deadline = Instant::now() + patience;
+    loop {
+        match attempt() {
+            Ok(value) => return Ok(value),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// A mounted file system; unmounted when dropped: `umount`, retried while
+/// busy, and as a last resort `umount -l`.
+pub struct Mount {
+    pub target: PathBuf,
+    mounted: bool,
+}
+
+impl Mount {
+    /// Runs `mount ARGS SOURCE TARGET` (e.g. `args = &["-o", "ro"]`).
+    pub fn new(source: &Path, target: &Path, args: &[&str]) -> Mount {
+        run(Command::new("mount").args(args).arg(source).arg(target));
+        Mount {
+            target: target.to_path_buf(),
+            mounted: true,
+        }
+    }
+
+    /// Unmounts, asserting that a plain `umount` worked (within 10 s).
+    pub fn unmount(mut self) {
+        if let Err(e) = self.release() {
+            panic!("{e}");
+        }
+    }
+
+    fn release(&mut self) -> Result<(), String> {
+        if !std::mem::take(&mut self.mounted) {
+            return Ok(());
+        }
+        let target = &self.target;
+        retry(Duration::from_secs(10), || {
+            let output = Command::new("umount")
+                .arg(target)
+                .output()
+                .map_err(|e| format!("cannot run umount: {e}"))?;
+            if output.status.success() {
+                Ok(())
+            } else {
+                Err(String::from_utf8_lossy(&output.stderr).trim().to_string())
+            }
+        })
+        .map_err(|e| {
+            let _ = Command::new("umount").arg("-l").arg(target).status();
+            format!(
+                "umount {} kept failing ({e}); detached it lazily",
+                target.display()
+            )
+        })
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = self.release();
+    }
+}
+
+/// An NBD export presented as a file by `nbdfuse`, which runs in the
+/// foreground as our child. Unmounted when dropped: `fusermount3 -u`
+/// (retried while busy), which makes nbdfuse exit; if that does not work,
+/// a lazy unmount and SIGKILL.
+pub struct FuseMount {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    /// The export as a file: `DIR/nbd`.
+    pub file: PathBuf,
+    log: PathBuf,
+    _log_dir: TempDir,
+}
+
+impl FuseMount {
+    /// Runs `nbdfuse DIR URI` and waits (up to 20 s) until `DIR/nbd` has
+    /// `size` bytes.
+    pub fn nbdfuse(dir: &Path, uri: &str, size: u64) -> FuseMount {
+        let log_dir = scratch();
+        let log = log_dir.path().join("nbdfuse.log");
+        let out = std::fs::File::create(&log).expect("create nbdfuse log");
+        let mut cmd = Command::new("nbdfuse");
+        cmd.arg(dir)
+            .arg(uri)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("dup nbdfuse log"))
+            .stderr(out);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let mut mount = FuseMount {
+            child: Some(child),
+            dir: dir.to_path_buf(),
+            file: dir.join("nbd"),
+            log,
+            _log_dir: log_dir,
+        };
+        let appeared = retry(Duration::from_secs(20), || {
+            let child = mount.child.as_mut().expect("running");
+            if let Ok(Some(status)) = child.try_wait() {
+                mount.child = None;
+                return Ok(Err(format!("nbdfuse exited with {status}")));
+            }
+            match std::fs::metadata(&mount.file) {
+                Ok(meta) if meta.len() == size => Ok(Ok(())),
+                Ok(meta) => Err(format!("it has {} bytes, not {size}", meta.len())),
+                Err(e) => Err(format!("{e}")),
+            }
+        });
+        match appeared {
+            Ok(Ok(())) => mount,
+            Ok(Err(e)) | Err(e) => panic!(
+                "{cmd:?}: {} did not appear: {e}\nlog:\n{}",
+                mount.file.display(),
+                mount.log()
+            ),
+        }
+    }
+
+    /// What nbdfuse has printed so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Unmounts and asserts nbdfuse exited cleanly.
+    pub fn unmount(mut self) {
+        if let Err(e) = self.release() {
+            panic!("{e}\nnbdfuse log:\n{}", self.log());
+        }
+    }
+
+    fn release(&mut self) -> Result<(), String> {
+        let Some(mut child) = self.child.take() else {
+            // Not running (it exited during start-up): just make sure
+            // nothing is left mounted.
+            let _ = Command::new("fusermount3")
+                .args(["-u", "-q", "-z"])
+                .arg(&self.dir)
+                .status();
+            return Ok(());
+        };
+        let dir = &self.dir;
+        let unmounted = retry(Duration::from_secs(10), || {
+            let output = Command::new("fusermount3")
+                .arg("-u")
+                .arg(dir)
+                .output()
+                .map_err(|e| format!("cannot run fusermount3: {e}"))?;
+            if output.status.success() {
+                Ok(())
+            } else {
+                Err(String::from_utf8_lossy(&output.stderr).trim().to_string())
+            }
+        });
+        let exited = unmounted.and_then(|()| {
+            retry(Duration::from_secs(10), || match child.try_wait() {
+                Ok(Some(status)) => Ok(status),
+                Ok(None) => Err("nbdfuse did not exit after fusermount3 -u".to_string()),
+                Err(e) => Err(format!("cannot wait for nbdfuse: {e}")),
+            })
+        });
+        match exited {
+            Ok(status) if status.success() => Ok(()),
+            Ok(status) => Err(format!("nbdfuse exited with {status}")),
+            Err(e) => {
+                let _ = Command::new("fusermount3")
+                    .args(["-u", "-q", "-z"])
+                    .arg(dir)
+                    .status();
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(format!(
+                    "unmounting {} failed ({e}); detached it lazily and killed nbdfuse",
+                    dir.display()
+                ))
+            }
+        }
+    }
+}
+
+impl Drop for FuseMount {
+    fn drop(&mut self) {
+        let _ = self.release();
     }
 }
 
@@ -249,24 +486,51 @@ pub fn read_all(path: &Path) -> Vec<u8> {
 }
 
 /// Asserts two files or devices hold the same bytes, naming the first difference.
+/// Streams both in 1 MiB chunks and compares with memcmp, so it stays fast
+/// (and small) on images of hundreds of MiB even in debug builds.
 pub fn assert_same_bytes(a: &Path, b: &Path) {
-    let (x, y) = (read_all(a), read_all(b));
+    let open = |p: &Path| {
+        let mut file =
+            std::fs::File::open(p).unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
+        // Seeking finds the size of block devices too (their metadata says 0).
+        let len = file
+            .seek(SeekFrom::End(0))
+            .and_then(|len| file.rewind().map(|()| len))
+            .unwrap_or_else(|e| panic!("seek {}: {e}", p.display()));
+        (file, len)
+    };
+    let ((mut fa, la), (mut fb, lb)) = (open(a), open(b));
     assert_eq!(
-        x.len(),
-        y.len(),
-        "{} is {} bytes, {} is {} bytes",
+        la,
+        lb,
+        "{} is {la} bytes, {} is {lb} bytes",
         a.display(),
-        x.len(),
-        b.display(),
-        y.len()
+        b.display()
     );
-    if let Some(i) = x.iter().zip(&y).position(|(p, q)| p != q) {
-        panic!(
-            "{} and {} differ first at byte {i} ({:#04x} vs {:#04x})",
-            a.display(),
-            b.display(),
-            x[i],
-            y[i]
-        );
+    const CHUNK: usize = 1 << 20;
+    let (mut x, mut y) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
+    let mut at = 0u64;
+    while at < la {
+        let n = (la - at).min(CHUNK as u64) as usize;
+        fa.read_exact(&mut x[..n])
+            .unwrap_or_else(|e| panic!("read {} at {at}: {e}", a.display()));
+        fb.read_exact(&mut y[..n])
+            .unwrap_or_else(|e| panic!("read {} at {at}: {e}", b.display()));
+        if x[..n] != y[..n] {
+            let i = x[..n]
+                .iter()
+                .zip(&y[..n])
+                .position(|(p, q)| p != q)
+                .expect("the chunks differ");
+            panic!(
+                "{} and {} differ first at byte {} ({:#04x} vs {:#04x})",
+                a.display(),
+                b.display(),
+                at + i as u64,
+                x[i],
+                y[i]
+            );
+        }
+        at += n as u64;
     }
 }
