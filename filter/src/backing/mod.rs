@@ -90,6 +90,8 @@ pub struct Backing {
     size: u64,
     /// 1 for buffered I/O; the O_DIRECT alignment otherwise.
     alignment: u64,
+    /// Granularity of fallocate: the logical block size of a block device, 1 for a file.
+    zero_granularity: u64,
     block_device: bool,
 }
 
@@ -136,12 +138,11 @@ impl Backing {
                 path: path.to_path_buf(),
             });
         }
-        let alignment = if !options.direct {
-            1
-        } else if block_device {
-            logical_block_size(&file).map_err(err("BLKSSZGET"))?
-        } else {
-            ALIGNMENT as u64
+        let logical_block = if block_device { logical_block_size(&file).map_err(err("BLKSSZGET"))? } else { 1 };
+        let alignment = match (options.direct, block_device) {
+            (false, _) => 1,
+            (true, true) => logical_block,
+            (true, false) => ALIGNMENT as u64,
         };
         if size % alignment != 0 {
             return Err(BackingError::UnalignedSize {
@@ -248,21 +249,25 @@ impl Backing {
 
     /// Makes the range read as zeros. With `keep_allocated` it is not
     /// deallocated; with `fast_only` it fails with `EOPNOTSUPP` rather than
-    /// writing zeros.
-    pub async fn zero(
-        &self,
-        offset: u64,
-        len: u64,
-        keep_allocated: bool,
-        fast_only: bool,
-    ) -> io::Result<()> {
+    /// writing zeros (a block device's unaligned edges, less than a block at
+    /// each end, are written either way).
+    pub async fn zero(&self, offset: u64, len: u64, keep_allocated: bool, fast_only: bool) -> io::Result<()> {
+        // Block devices deallocate whole logical blocks only.
+        let g = self.zero_granularity;
+        let end = offset + len;
+        let (middle_start, middle_end) = (offset.div_ceil(g) * g, end / g * g);
+        if middle_start >= middle_end {
+            return self.write_zeros(offset, len).await;
+        }
+        self.write_zeros(offset, middle_start - offset).await?;
+        self.write_zeros(middle_end, end - middle_end).await?;
         let modes: &[FallocateMode] = if keep_allocated {
             &[FallocateMode::ZeroRange]
         } else {
             &[FallocateMode::PunchHole, FallocateMode::ZeroRange]
         };
         for &mode in modes {
-            match with_engine!(self, e => e.fallocate(mode, offset, len).await) {
+            match with_engine!(self, e => e.fallocate(mode, middle_start, middle_end - middle_start).await) {
                 Ok(()) => return Ok(()),
                 Err(e) if is_unsupported(&e) => continue,
                 Err(e) => return Err(e),
@@ -271,12 +276,15 @@ impl Backing {
         if fast_only {
             return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
         }
-        self.write_zeros(offset, len).await
+        self.write_zeros(middle_start, middle_end - middle_start).await
     }
 
     async fn write_zeros(&self, offset: u64, len: u64) -> io::Result<()> {
         const CHUNK: u64 = 1 << 20;
-        let zeros = Bytes::from_owner(AlignedBuf::zeroed(CHUNK as usize));
+        if len == 0 {
+            return Ok(());
+        }
+        let zeros = Bytes::from_owner(AlignedBuf::zeroed(len.min(CHUNK) as usize));
         let mut done = 0;
         while done < len {
             let n = (len - done).min(CHUNK);

@@ -43,6 +43,8 @@ pub enum HandshakeEnd {
 
 /// Largest option payload we read (names and queries are at most 4 KiB each).
 pub const MAX_OPTION_DATA: u32 = 64 * 1024;
+/// Largest option payload we read past to stay in step with the client.
+pub const MAX_SKIPPED_OPTION_DATA: u32 = 32 << 20;
 
 /// Runs the negotiation. On success the connection is in the transmission
 /// phase with the returned session.
@@ -79,15 +81,29 @@ where
         let option = u32::from_be_bytes(head[8..12].try_into().expect("4 bytes"));
         let length = u32::from_be_bytes(head[12..16].try_into().expect("4 bytes"));
         if length > MAX_OPTION_DATA {
+            // Skip what we can afford to read and answer; beyond that,
+            // reading on would only serve a denial of service.
+            let known = matches!(
+                option,
+                OPT_EXPORT_NAME | OPT_ABORT | OPT_LIST | OPT_INFO | OPT_GO | OPT_STRUCTURED_REPLY
+                    | OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT
+            );
+            let skippable = length <= MAX_SKIPPED_OPTION_DATA && option != OPT_EXPORT_NAME;
+            if skippable {
+                inbound.skip(u64::from(length)).await?;
+            }
             if option != OPT_EXPORT_NAME {
+                let (reply_type, message) = if known || !skippable {
+                    (REP_ERR_TOO_BIG, "option data too large")
+                } else {
+                    (REP_ERR_UNSUP, "option not supported by this server")
+                };
                 let mut reply = BytesMut::new();
-                put_option_reply(
-                    &mut reply,
-                    option,
-                    REP_ERR_TOO_BIG,
-                    b"option data too large",
-                );
+                put_option_reply(&mut reply, option, reply_type, message.as_bytes());
                 out.write_all(&reply).await?;
+            }
+            if skippable {
+                continue;
             }
             return Err(HandshakeEnd::OptionTooBig { option, length });
         }

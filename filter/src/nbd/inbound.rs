@@ -42,6 +42,11 @@ impl<R: AsyncRead + Unpin> Inbound<R> {
         Ok(self.buf.split_to(n).freeze())
     }
 
+    /// Bytes received but not yet taken.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
     /// Reads and drops the next `n` bytes.
     pub async fn skip(&mut self, mut n: u64) -> io::Result<()> {
         while n > 0 {

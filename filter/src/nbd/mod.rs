@@ -7,6 +7,7 @@ pub mod transmission;
 pub mod wire;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
@@ -71,9 +72,20 @@ impl ConnectionEnd {
             self,
             ConnectionEnd::Handshake(HandshakeEnd::Aborted)
                 | ConnectionEnd::Transmission(TransmissionEnd::Disconnect)
+                | ConnectionEnd::Transmission(TransmissionEnd::Hangup)
                 | ConnectionEnd::Transmission(TransmissionEnd::Shutdown)
         )
     }
+}
+
+/// How long a client may keep a shutting-down server waiting: to finish its
+/// negotiation, or to accept a reply it is being sent.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// Completes [`SHUTDOWN_GRACE`] after `shutdown` is cancelled.
+pub async fn grace_after(shutdown: &CancellationToken) {
+    shutdown.cancelled().await;
+    tokio::time::sleep(SHUTDOWN_GRACE).await;
 }
 
 /// Runs one client connection from greeting to close.
@@ -89,9 +101,14 @@ where
     D: BlockDevice,
 {
     let mut inbound = Inbound::new(reader);
-    let session = match handshake::negotiate(&mut inbound, &mut writer, &export, &shutdown).await {
-        Ok(session) => session,
-        Err(end) => return end.into(),
+    let negotiation = handshake::negotiate(&mut inbound, &mut writer, &export, &shutdown);
+    let session = tokio::select! {
+        result = negotiation => match result {
+            Ok(session) => session,
+            Err(end) => return end.into(),
+        },
+        // A client that says nothing must not hold up a shutdown.
+        () = grace_after(&shutdown) => return HandshakeEnd::Shutdown.into(),
     };
     transmission::serve(inbound, writer, export, session, shutdown)
         .await

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::handshake::Session;
 use super::inbound::Inbound;
 use super::wire::*;
-use super::Export;
+use super::{grace_after, Export};
 use crate::device::{BlockDevice, DeviceError, ZeroMode};
 
 /// Bytes of payload (reads and writes) one connection may have in flight.
@@ -34,6 +34,8 @@ const MIN_REQUEST_COST: u32 = 4096;
 pub enum TransmissionEnd {
     #[error("client disconnected (NBD_CMD_DISC)")]
     Disconnect,
+    #[error("client closed the connection between requests")]
+    Hangup,
     #[error("server is shutting down")]
     Shutdown,
     #[error(transparent)]
@@ -66,7 +68,7 @@ where
     D: BlockDevice,
 {
     let (replies, queue) = mpsc::unbounded_channel();
-    let writer = tokio::spawn(write_replies(out, queue));
+    let writer = tokio::spawn(write_replies(out, queue, shutdown.clone()));
     let budget = Arc::new(Semaphore::new(INFLIGHT_BUDGET as usize));
     let end = loop {
         let head = tokio::select! {
@@ -74,6 +76,9 @@ where
             () = shutdown.cancelled() => break TransmissionEnd::Shutdown,
             head = inbound.take(REQUEST_LEN) => match head {
                 Ok(head) => head,
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && inbound.buffered() == 0 => {
+                    break TransmissionEnd::Hangup;
+                }
                 Err(e) => break TransmissionEnd::Io(e),
             },
         };
@@ -130,10 +135,13 @@ where
     end
 }
 
-/// Writes replies as they come, several per system call.
+/// Writes replies as they come, several per system call. Once the server is
+/// shutting down, a client that accepts no reply bytes for
+/// [`super::SHUTDOWN_GRACE`] is given up on (its requests still complete).
 async fn write_replies<W: AsyncWrite + Unpin>(
     mut out: W,
     mut queue: mpsc::UnboundedReceiver<Reply>,
+    shutdown: CancellationToken,
 ) -> io::Result<()> {
     const BATCH: usize = 64;
     let mut sent = Vec::with_capacity(BATCH);
@@ -152,7 +160,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                 bufs.push_back(reply.data.clone());
             }
         }
-        write_all_vectored(&mut out, &mut bufs).await?;
+        write_all_vectored(&mut out, &mut bufs, &shutdown).await?;
         sent.clear();
     }
     out.shutdown().await
@@ -161,10 +169,16 @@ async fn write_replies<W: AsyncWrite + Unpin>(
 async fn write_all_vectored<W: AsyncWrite + Unpin>(
     out: &mut W,
     bufs: &mut VecDeque<Bytes>,
+    shutdown: &CancellationToken,
 ) -> io::Result<()> {
     while !bufs.is_empty() {
         let slices: Vec<IoSlice<'_>> = bufs.iter().take(256).map(|b| IoSlice::new(b)).collect();
-        let mut written = out.write_vectored(&slices).await?;
+        let mut written = tokio::select! {
+            written = out.write_vectored(&slices) => written?,
+            () = grace_after(shutdown) => {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "client accepts no replies during shutdown"));
+            }
+        };
         if written == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
@@ -199,7 +213,7 @@ async fn handle<D: BlockDevice>(
         Ok(()) => perform(&export.device, request, payload)
             .await
             .map_err(|e| {
-                tracing::debug!(handle = request.handle, error = %e, "request failed");
+                tracing::warn!(handle = request.handle, error = %e, "request failed");
                 (nbd_error(&e), e.to_string())
             }),
     };
