@@ -248,6 +248,20 @@ pub fn read_all(path: &Path) -> Vec<u8> {
     out
 }
 
+/// Where two byte strings first differ (a length difference counts at the
+/// end of the shorter); `None` if they are equal.
+pub fn first_difference(x: &[u8], y: &[u8]) -> Option<usize> {
+    if x == y {
+        return None; // memcmp: fast even in debug builds
+    }
+    Some(
+        x.iter()
+            .zip(y)
+            .position(|(p, q)| p != q)
+            .unwrap_or(x.len().min(y.len())),
+    )
+}
+
 /// Asserts two files or devices hold the same bytes, naming the first difference.
 pub fn assert_same_bytes(a: &Path, b: &Path) {
     let (x, y) = (read_all(a), read_all(b));
@@ -260,7 +274,7 @@ pub fn assert_same_bytes(a: &Path, b: &Path) {
         b.display(),
         y.len()
     );
-    if let Some(i) = x.iter().zip(&y).position(|(p, q)| p != q) {
+    if let Some(i) = first_difference(&x, &y) {
         panic!(
             "{} and {} differ first at byte {i} ({:#04x} vs {:#04x})",
             a.display(),
