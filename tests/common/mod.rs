@@ -485,6 +485,20 @@ pub fn read_all(path: &Path) -> Vec<u8> {
     out
 }
 
+/// Where two byte strings first differ (a length difference counts at the
+/// end of the shorter); `None` if they are equal.
+pub fn first_difference(x: &[u8], y: &[u8]) -> Option<usize> {
+    if x == y {
+        return None; // memcmp: fast even in debug builds
+    }
+    Some(
+        x.iter()
+            .zip(y)
+            .position(|(p, q)| p != q)
+            .unwrap_or(x.len().min(y.len())),
+    )
+}
+
 /// Asserts two files or devices hold the same bytes, naming the first difference.
 /// Streams both in 1 MiB chunks and compares with memcmp, so it stays fast
 /// (and small) on images of hundreds of MiB even in debug builds.
@@ -516,12 +530,7 @@ pub fn assert_same_bytes(a: &Path, b: &Path) {
             .unwrap_or_else(|e| panic!("read {} at {at}: {e}", a.display()));
         fb.read_exact(&mut y[..n])
             .unwrap_or_else(|e| panic!("read {} at {at}: {e}", b.display()));
-        if x[..n] != y[..n] {
-            let i = x[..n]
-                .iter()
-                .zip(&y[..n])
-                .position(|(p, q)| p != q)
-                .expect("the chunks differ");
+        if let Some(i) = first_difference(&x[..n], &y[..n]) {
             panic!(
                 "{} and {} differ first at byte {} ({:#04x} vs {:#04x})",
                 a.display(),

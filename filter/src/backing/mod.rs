@@ -138,7 +138,11 @@ impl Backing {
                 path: path.to_path_buf(),
             });
         }
-        let logical_block = if block_device { logical_block_size(&file).map_err(err("BLKSSZGET"))? } else { 1 };
+        let logical_block = if block_device {
+            logical_block_size(&file).map_err(err("BLKSSZGET"))?
+        } else {
+            1
+        };
         let alignment = match (options.direct, block_device) {
             (false, _) => 1,
             (true, true) => logical_block,
@@ -167,6 +171,7 @@ impl Backing {
             engine,
             size,
             alignment,
+            zero_granularity: logical_block,
             block_device,
         })
     }
@@ -251,7 +256,13 @@ impl Backing {
     /// deallocated; with `fast_only` it fails with `EOPNOTSUPP` rather than
     /// writing zeros (a block device's unaligned edges, less than a block at
     /// each end, are written either way).
-    pub async fn zero(&self, offset: u64, len: u64, keep_allocated: bool, fast_only: bool) -> io::Result<()> {
+    pub async fn zero(
+        &self,
+        offset: u64,
+        len: u64,
+        keep_allocated: bool,
+        fast_only: bool,
+    ) -> io::Result<()> {
         // Block devices deallocate whole logical blocks only.
         let g = self.zero_granularity;
         let end = offset + len;
@@ -267,7 +278,8 @@ impl Backing {
             &[FallocateMode::PunchHole, FallocateMode::ZeroRange]
         };
         for &mode in modes {
-            match with_engine!(self, e => e.fallocate(mode, middle_start, middle_end - middle_start).await) {
+            match with_engine!(self, e => e.fallocate(mode, middle_start, middle_end - middle_start).await)
+            {
                 Ok(()) => return Ok(()),
                 Err(e) if is_unsupported(&e) => continue,
                 Err(e) => return Err(e),
@@ -276,7 +288,8 @@ impl Backing {
         if fast_only {
             return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
         }
-        self.write_zeros(middle_start, middle_end - middle_start).await
+        self.write_zeros(middle_start, middle_end - middle_start)
+            .await
     }
 
     async fn write_zeros(&self, offset: u64, len: u64) -> io::Result<()> {

@@ -85,8 +85,14 @@ where
             // reading on would only serve a denial of service.
             let known = matches!(
                 option,
-                OPT_EXPORT_NAME | OPT_ABORT | OPT_LIST | OPT_INFO | OPT_GO | OPT_STRUCTURED_REPLY
-                    | OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT
+                OPT_EXPORT_NAME
+                    | OPT_ABORT
+                    | OPT_LIST
+                    | OPT_INFO
+                    | OPT_GO
+                    | OPT_STRUCTURED_REPLY
+                    | OPT_LIST_META_CONTEXT
+                    | OPT_SET_META_CONTEXT
             );
             let skippable = length <= MAX_SKIPPED_OPTION_DATA && option != OPT_EXPORT_NAME;
             if skippable {
