@@ -72,6 +72,10 @@ struct FilterArgs {
     /// Backing I/O engine.
     #[arg(long, value_enum, default_value_t = Engine::Uring)]
     io_engine: Engine,
+    /// Send every backing I/O to the engine, even page-cache hits (by default
+    /// cached reads and whole-page writes of a buffered disk are done inline).
+    #[arg(long)]
+    no_fast_path: bool,
     /// MiB of captured data the rings hold before clients wait.
     #[arg(long, default_value_t = 256)]
     ring_mib: usize,
@@ -136,6 +140,7 @@ fn run_filter(args: FilterArgs) -> Result<()> {
         backing: BackingOptions {
             read_only: args.read_only,
             direct: args.direct,
+            no_fast_path: args.no_fast_path,
             engine: match args.io_engine {
                 Engine::Uring => EngineKind::Uring,
                 Engine::Sync => EngineKind::Sync,
@@ -149,7 +154,7 @@ fn run_filter(args: FilterArgs) -> Result<()> {
         .build()?;
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
-        tokio::spawn(cancel_on_signal(shutdown.clone()));
+        cancel_on_signal(shutdown.clone())?;
         let summary = service::run(config, shutdown, |addrs| {
             let mut out = std::io::stdout().lock();
             for addr in addrs {
@@ -170,19 +175,18 @@ fn run_filter(args: FilterArgs) -> Result<()> {
     })
 }
 
-/// Cancels `shutdown` on SIGTERM or SIGINT.
-async fn cancel_on_signal(shutdown: CancellationToken) {
+/// Installs SIGTERM and SIGINT handlers now (before clients are told we are
+/// listening) and cancels `shutdown` when either arrives.
+fn cancel_on_signal(shutdown: CancellationToken) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-    }
-    shutdown.cancel();
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        shutdown.cancel();
+    });
+    Ok(())
 }

@@ -6,6 +6,7 @@
 //! zeros, so a discarded range always reads back as zeros.
 pub mod aligned;
 pub mod engine;
+pub mod fast_path;
 pub mod sync;
 pub mod uring;
 
@@ -20,6 +21,7 @@ use bytes::Bytes;
 
 use aligned::{AlignedBuf, ALIGNMENT};
 use engine::{FallocateMode, IoEngine};
+use fast_path::FastPath;
 use sync::SyncEngine;
 use uring::UringEngine;
 
@@ -43,6 +45,8 @@ pub struct BackingOptions {
     /// O_DIRECT: bypass the page cache.
     pub direct: bool,
     pub engine: EngineKind,
+    /// Send every I/O to the engine, even page-cache hits (see [`fast_path`]).
+    pub no_fast_path: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +91,8 @@ macro_rules! with_engine {
 pub struct Backing {
     file: Arc<File>,
     engine: AnyEngine,
+    /// Present for buffered I/O unless disabled.
+    fast_path: Option<FastPath>,
     size: u64,
     /// 1 for buffered I/O; the O_DIRECT alignment otherwise.
     alignment: u64,
@@ -166,9 +172,12 @@ impl Backing {
                 }
             },
         };
+        let fast_path =
+            (!options.direct && !options.no_fast_path).then(|| FastPath::new(file.clone()));
         Ok(Backing {
             file,
             engine,
+            fast_path,
             size,
             alignment,
             zero_granularity: logical_block,
@@ -201,15 +210,27 @@ impl Backing {
 
     pub async fn read(&self, offset: u64, len: usize) -> io::Result<Bytes> {
         let (start, end) = self.touched_range(offset, len as u64);
-        let buf = AlignedBuf::zeroed((end - start) as usize);
-        let (buf, result) = with_engine!(self, e => e.read_at(buf, start).await);
-        result?;
+        let mut buf = AlignedBuf::zeroed((end - start) as usize);
+        let cached = self
+            .fast_path
+            .as_ref()
+            .is_some_and(|fast| fast.try_read(buf.as_mut_slice(), start));
+        if !cached {
+            let (read, result) = with_engine!(self, e => e.read_at(buf, start).await);
+            result?;
+            buf = read;
+        }
         let head = (offset - start) as usize;
         Ok(Bytes::from_owner(buf).slice(head..head + len))
     }
 
     pub async fn write(&self, offset: u64, data: Bytes, durable: bool) -> io::Result<()> {
         let len = data.len() as u64;
+        if let Some(fast) = &self.fast_path {
+            if FastPath::takes_write(offset, len, durable) {
+                return fast.write(&data, offset).await;
+            }
+        }
         let (start, end) = self.touched_range(offset, len);
         let aligned =
             start == offset && end == offset + len && data.as_ptr() as usize % ALIGNMENT == 0;

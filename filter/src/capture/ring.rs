@@ -34,6 +34,9 @@ use tokio::sync::Semaphore;
 
 use super::record::{Record, RecordKind};
 
+/// Longest a record waits in the ring for a consumer that nobody woke.
+const CONSUMER_TICK: Duration = Duration::from_millis(2);
+
 /// Bytes of record data one credit stands for.
 const CREDIT_BYTES: usize = 4096;
 
@@ -46,6 +49,8 @@ struct Shared {
     queue: ArrayQueue<Record>,
     credits: Semaphore,
     total_credits: usize,
+    /// Records waiting that are worth waking the consumer for.
+    wake_batch: usize,
     /// The next sequence number to hand out. Relaxed: see the module docs.
     next_seq: AtomicU64,
     /// Live [`CaptureSender`]s. AcqRel on decrement so that the last sender's
@@ -69,6 +74,7 @@ pub fn capture_ring(budget_bytes: usize, first_seq: u64) -> (CaptureSender, Capt
         queue: ArrayQueue::new(total_credits),
         credits: Semaphore::new(total_credits),
         total_credits,
+        wake_batch: (total_credits / 4).clamp(1, 64),
         next_seq: AtomicU64::new(first_seq),
         senders: AtomicUsize::new(1),
         consumer: parker.unparker().clone(),
@@ -107,6 +113,7 @@ impl CaptureSender {
             .map_err(|_| CaptureClosed)?;
         credits.forget();
         let seq = self.shared.next_seq.fetch_add(1, Ordering::Relaxed);
+        let barrier = kind == RecordKind::Flush || fua;
         let record = Record {
             seq,
             kind,
@@ -118,7 +125,16 @@ impl CaptureSender {
         if self.shared.queue.push(record).is_err() {
             unreachable!("a producer holding credits always finds a free slot");
         }
-        self.shared.consumer.unpark();
+        // Waking the consumer for every record would cost a context switch
+        // each; wake it for a batch, a barrier, or a ring half full, and let
+        // it look by itself every CONSUMER_TICK otherwise.
+        let shared = &self.shared;
+        if barrier
+            || shared.queue.len() >= shared.wake_batch
+            || shared.credits.available_permits() < shared.total_credits / 2
+        {
+            shared.consumer.unpark();
+        }
         Ok(seq)
     }
 
@@ -190,9 +206,9 @@ impl CaptureReceiver {
                 // look finds whatever was pushed last.
                 return self.try_recv();
             }
-            // The timeout only bounds the cost of a missed wake-up; senders
-            // unpark after every push and on their last drop.
-            self.parker.park_timeout(Duration::from_millis(100));
+            // Senders wake us for batches, barriers, a filling ring and their
+            // last drop; the tick bounds how long a lone record waits.
+            self.parker.park_timeout(CONSUMER_TICK);
         }
     }
 
