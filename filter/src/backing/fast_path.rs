@@ -15,9 +15,9 @@
 //!   waits only where the kernel throttles writers with too much dirty data,
 //!   which is back-pressure we want anyway. FUA, partial pages, flushes,
 //!   TRIM and zeroing go to the engine;
-//! - large writes take turns: two threads copying megabytes into one file
-//!   contend on its inode lock and spin; taking turns in user space lets the
-//!   waiting worker receive the next payload meanwhile.
+//! - writes take turns: two threads writing into one file contend on its
+//!   inode lock, and the loser spins in the kernel; taking turns on an async
+//!   lock instead lets the waiting worker receive and parse the next requests.
 
 use std::fs::File;
 use std::io;
@@ -28,8 +28,6 @@ use std::sync::Arc;
 
 /// Page granularity of the write fast path.
 const PAGE: u64 = 4096;
-/// Writes at least this long take turns (see the module docs).
-const LARGE_WRITE: usize = 128 * 1024;
 
 #[derive(Debug)]
 pub struct FastPath {
@@ -38,7 +36,7 @@ pub struct FastPath {
     /// Relaxed: it only ever goes from true to false, and a stale `true`
     /// costs one more refused attempt.
     nowait_reads: AtomicBool,
-    large_writes: tokio::sync::Mutex<()>,
+    writes: tokio::sync::Mutex<()>,
 }
 
 impl FastPath {
@@ -46,7 +44,7 @@ impl FastPath {
         FastPath {
             file,
             nowait_reads: AtomicBool::new(true),
-            large_writes: tokio::sync::Mutex::new(()),
+            writes: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -88,11 +86,7 @@ impl FastPath {
 
     /// Writes whole pages into the page cache on the calling thread.
     pub async fn write(&self, data: &[u8], offset: u64) -> io::Result<()> {
-        let _turn = if data.len() >= LARGE_WRITE {
-            Some(self.large_writes.lock().await)
-        } else {
-            None
-        };
+        let _turn = self.writes.lock().await;
         self.file.write_all_at(data, offset)
     }
 }
