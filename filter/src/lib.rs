@@ -12,3 +12,4 @@ pub mod protected;
 pub mod range_lock;
 pub mod server;
 pub mod service;
+mod sync;

@@ -14,7 +14,6 @@ use std::fs::File;
 use std::io::{self, Write as _};
 use std::mem;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{fence, AtomicU8, Ordering::SeqCst};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
@@ -25,6 +24,7 @@ use tokio::sync::oneshot;
 
 use super::aligned::AlignedBuf;
 use super::engine::{FallocateMode, IoEngine};
+use super::wake::{AfterPush, WakeState};
 
 /// `user_data` of the pending eventfd read; every other value is a slot index.
 const WAKE: u64 = u64::MAX;
@@ -32,11 +32,6 @@ const WAKE: u64 = u64::MAX;
 /// Largest length put in one SQE: a multiple of any O_DIRECT alignment, and
 /// below the kernel's per-call limit. Longer transfers continue as short ones.
 const MAX_CHUNK: usize = 1 << 30;
-
-/// Values of [`Shared::state`].
-const AWAKE: u8 = 0;
-const SLEEPING: u8 = 1;
-const DEAD: u8 = 2;
 
 /// [`IoEngine`] over io_uring, served by a dedicated ring thread.
 pub struct UringEngine {
@@ -53,23 +48,8 @@ impl std::fmt::Debug for UringEngine {
 /// What callers and the ring thread share.
 struct Shared {
     queue: SegQueue<Request>,
-    /// `AWAKE`, `SLEEPING` or `DEAD`. Only the ring thread stores; callers
-    /// only swap `SLEEPING` for `AWAKE` (and then write `wake_fd`).
-    ///
-    /// Dekker handshake. The ring thread stores `SLEEPING`, then checks the
-    /// queue before blocking; a caller pushes, then compare-exchanges
-    /// `SLEEPING` to `AWAKE`. A `SeqCst` fence sits between the two steps on
-    /// both sides, so the fences are totally ordered: if the caller's comes
-    /// second, its exchange sees `SLEEPING` (or a later value), so it writes
-    /// the eventfd or another caller did; if the thread's comes second, its
-    /// emptiness check sees the push and it does not block. The fences carry
-    /// the proof because `SegQueue` promises no particular ordering for its
-    /// operations; the state operations are `SeqCst` too, for simplicity,
-    /// not necessity.
-    /// `DEAD` uses the same handshake: the exiting thread stores it, fences,
-    /// and drains the queue; a caller that sees it drains the queue itself,
-    /// so every request is dropped and its reply channel closes.
-    state: AtomicU8,
+    /// The sleep/wake handshake with callers (see [`super::wake`]).
+    state: WakeState,
     wake_fd: File,
 }
 
@@ -82,7 +62,7 @@ impl Shared {
         }
         Ok(Self {
             queue: SegQueue::new(),
-            state: AtomicU8::new(AWAKE),
+            state: WakeState::new(),
             // SAFETY: `fd` is a fresh descriptor that nothing else owns.
             wake_fd: File::from(unsafe { OwnedFd::from_raw_fd(fd) }),
         })
@@ -282,17 +262,13 @@ impl UringEngine {
     fn submit(&self, request: Request) -> io::Result<()> {
         let shared = &self.shared;
         shared.queue.push(request);
-        fence(SeqCst);
-        match shared
-            .state
-            .compare_exchange(SLEEPING, AWAKE, SeqCst, SeqCst)
-        {
-            Ok(_) => shared.wake(),
-            Err(DEAD) => {
+        match shared.state.after_push() {
+            AfterPush::Wake => shared.wake(),
+            AfterPush::Drain => {
                 shared.drop_queued();
                 Ok(())
             }
-            Err(_) => Ok(()),
+            AfterPush::Nothing => Ok(()),
         }
     }
 
@@ -403,11 +379,10 @@ impl RingThread {
             }
             self.push_pending();
 
-            self.shared.state.store(SLEEPING, SeqCst);
-            fence(SeqCst);
-            let want = usize::from(self.shared.queue.is_empty());
+            let queue = &self.shared.queue;
+            let want = usize::from(self.shared.state.may_sleep(|| queue.is_empty()));
             let entered = self.ring.submit_and_wait(want);
-            self.shared.state.store(AWAKE, SeqCst);
+            self.shared.state.awake();
             if let Err(e) = entered {
                 let transient = [libc::EINTR, libc::EAGAIN, libc::EBUSY];
                 if !transient.contains(&e.raw_os_error().unwrap_or(0)) {
@@ -510,8 +485,7 @@ impl Drop for RingThread {
         if self.wake_armed {
             mem::forget(mem::take(&mut self.wake_sink));
         }
-        self.shared.state.store(DEAD, SeqCst);
-        fence(SeqCst);
+        self.shared.state.die();
         self.shared.drop_queued();
     }
 }
@@ -647,7 +621,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn uring_dead_thread_fails_calls() {
         let shared = Shared::new().expect("eventfd");
-        shared.state.store(DEAD, SeqCst);
+        shared.state.die();
         let engine = UringEngine {
             shared: Arc::new(shared),
             thread: None,
