@@ -39,9 +39,15 @@ pub enum AfterPush {
     Drain,
 }
 
+impl Default for WakeState {
+    fn default() -> Self {
+        WakeState(AtomicU8::new(AWAKE))
+    }
+}
+
 impl WakeState {
     pub fn new() -> Self {
-        WakeState(AtomicU8::new(AWAKE))
+        Self::default()
     }
 
     /// Caller side, right after pushing onto the queue.
