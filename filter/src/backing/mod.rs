@@ -370,7 +370,9 @@ fn is_unsupported(e: &io::Error) -> bool {
 /// Longest list of extents one reply carries.
 const MAX_EXTENTS: usize = 1024;
 
-fn allocation_map(file: &File, offset: u64, end: u64) -> io::Result<Vec<Extent>> {
+/// Allocation runs of `file` from `offset` to `end` (at most 1024 of them),
+/// from SEEK_DATA/SEEK_HOLE; everything is data where those are unsupported.
+pub fn allocation_map(file: &File, offset: u64, end: u64) -> io::Result<Vec<Extent>> {
     let fd = file.as_raw_fd();
     let seek = |pos: u64, whence| -> io::Result<Option<u64>> {
         // SAFETY: lseek only reads its arguments. The file position it moves
