@@ -1,0 +1,343 @@
+//! On-disk layout of the journal, version 1: segment file names, the segment
+//! header and the entry header. Specified in `docs/FORMATS.md` ("Journal
+//! segment, version 1"); everything is little-endian and every header carries
+//! a CRC32C. Nothing else in the crate knows a byte offset.
+//!
+//! ```text
+//! segment file DIR/journal/{number:016}.seg, numbered from 1
+//! segment header (64 bytes)
+//!   0  [u8; 8]  magic "CDPJSEG\0"
+//!   8  u32      version (1)
+//!  12  u32      header length (64)
+//!  16  [u8; 16] disk id
+//!  32  u64      disk size in bytes
+//!  40  u64      segment number (the one in the file name)
+//!  48  u64      id of the segment's first entry
+//!  56  u32      reserved, zero
+//!  60  u32      CRC32C of bytes 0..60
+//! entry header (64 bytes), followed by `body length` bytes of body
+//!   0  u32      magic "CJEN" (0x4e454a43 read as little-endian u32)
+//!   4  u8       kind: 1 replicated batch
+//!   5  u8       flags: bit 0 the batch ends on a barrier; others zero
+//!   6  u16      reserved, zero
+//!   8  u64      entry id (consecutive across segments, from 1)
+//!  16  u64      first capture sequence number in the batch
+//!  24  u64      last capture sequence number in the batch
+//!  32  u64      point time, ns since the epoch, the source's clock
+//!  40  u64      received time, ns since the epoch, the target's clock
+//!  48  u32      body length
+//!  52  u32      CRC32C of the body
+//!  56  u32      reserved, zero
+//!  60  u32      CRC32C of bytes 0..60
+//! ```
+
+pub const SEGMENT_MAGIC: [u8; 8] = *b"CDPJSEG\0";
+pub const VERSION: u32 = 1;
+pub const SEGMENT_HEADER_LEN: usize = 64;
+pub const ENTRY_MAGIC: u32 = u32::from_le_bytes(*b"CJEN");
+pub const ENTRY_HEADER_LEN: usize = 64;
+/// The only entry kind of version 1: one replicated batch, whose body is a
+/// 64-byte session salt followed by an encrypted frame (opaque here).
+pub const KIND_BATCH: u8 = 1;
+const FLAG_BARRIER: u8 = 1;
+/// Both headers end in the CRC32C of everything before it.
+const CRC_AT: usize = 60;
+
+/// A segment's header: which disk it belongs to and where it sits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentHeader {
+    pub disk_id: [u8; 16],
+    pub disk_size: u64,
+    pub number: u64,
+    pub first_entry_id: u64,
+}
+
+/// An entry header as stored; the body follows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryHeader {
+    pub ends_on_barrier: bool,
+    pub id: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub point_time_ns: u64,
+    pub received_time_ns: u64,
+    pub body_len: u32,
+    pub body_crc: u32,
+}
+
+/// Why bytes are not a valid header.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    #[error("bad magic {0:02x?}")]
+    Magic(Vec<u8>),
+    #[error("header CRC mismatch (stored {stored:#010x}, computed {computed:#010x})")]
+    Crc { stored: u32, computed: u32 },
+    #[error("unsupported version {0} (this build reads version {VERSION})")]
+    Version(u32),
+    #[error("header length {0}, expected {SEGMENT_HEADER_LEN}")]
+    Length(u32),
+    #[error("unknown entry kind {0}")]
+    Kind(u8),
+    #[error("unknown flags {0:#04x}")]
+    Flags(u8),
+    #[error("sequence range {first_seq}..={last_seq} is reversed")]
+    SeqRange { first_seq: u64, last_seq: u64 },
+}
+
+impl HeaderError {
+    /// Whether the header's bytes are damaged (as a torn write leaves them),
+    /// rather than intact but not understood.
+    pub fn is_damage(&self) -> bool {
+        matches!(self, HeaderError::Magic(_) | HeaderError::Crc { .. })
+    }
+}
+
+/// The file name of segment `number`.
+pub fn segment_file_name(number: u64) -> String {
+    format!("{number:016}.seg")
+}
+
+/// The segment number a file name stands for, if it names a segment.
+pub fn parse_segment_file_name(name: &str) -> Option<u64> {
+    let digits = name.strip_suffix(".seg")?;
+    if digits.len() == 16 && digits.bytes().all(|b| b.is_ascii_digit()) {
+        digits.parse().ok()
+    } else {
+        None
+    }
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn put(b: &mut [u8], at: usize, bytes: &[u8]) {
+    b[at..at + bytes.len()].copy_from_slice(bytes);
+}
+
+fn seal(b: &mut [u8; 64]) {
+    let crc = crc32c::crc32c(&b[..CRC_AT]);
+    put(b, CRC_AT, &crc.to_le_bytes());
+}
+
+fn check_crc(b: &[u8; 64]) -> Result<(), HeaderError> {
+    let stored = u32_at(b, CRC_AT);
+    let computed = crc32c::crc32c(&b[..CRC_AT]);
+    if stored == computed {
+        Ok(())
+    } else {
+        Err(HeaderError::Crc { stored, computed })
+    }
+}
+
+impl SegmentHeader {
+    pub fn encode(&self) -> [u8; SEGMENT_HEADER_LEN] {
+        let mut b = [0u8; SEGMENT_HEADER_LEN];
+        put(&mut b, 0, &SEGMENT_MAGIC);
+        put(&mut b, 8, &VERSION.to_le_bytes());
+        put(&mut b, 12, &(SEGMENT_HEADER_LEN as u32).to_le_bytes());
+        put(&mut b, 16, &self.disk_id);
+        put(&mut b, 32, &self.disk_size.to_le_bytes());
+        put(&mut b, 40, &self.number.to_le_bytes());
+        put(&mut b, 48, &self.first_entry_id.to_le_bytes());
+        seal(&mut b);
+        b
+    }
+
+    pub fn decode(b: &[u8; SEGMENT_HEADER_LEN]) -> Result<Self, HeaderError> {
+        if b[0..8] != SEGMENT_MAGIC {
+            return Err(HeaderError::Magic(b[0..8].to_vec()));
+        }
+        check_crc(b)?;
+        let version = u32_at(b, 8);
+        if version != VERSION {
+            return Err(HeaderError::Version(version));
+        }
+        let len = u32_at(b, 12);
+        if len as usize != SEGMENT_HEADER_LEN {
+            return Err(HeaderError::Length(len));
+        }
+        Ok(SegmentHeader {
+            disk_id: b[16..32].try_into().expect("16 bytes"),
+            disk_size: u64_at(b, 32),
+            number: u64_at(b, 40),
+            first_entry_id: u64_at(b, 48),
+        })
+    }
+}
+
+impl EntryHeader {
+    pub fn encode(&self) -> [u8; ENTRY_HEADER_LEN] {
+        let mut b = [0u8; ENTRY_HEADER_LEN];
+        put(&mut b, 0, &ENTRY_MAGIC.to_le_bytes());
+        b[4] = KIND_BATCH;
+        b[5] = if self.ends_on_barrier {
+            FLAG_BARRIER
+        } else {
+            0
+        };
+        put(&mut b, 8, &self.id.to_le_bytes());
+        put(&mut b, 16, &self.first_seq.to_le_bytes());
+        put(&mut b, 24, &self.last_seq.to_le_bytes());
+        put(&mut b, 32, &self.point_time_ns.to_le_bytes());
+        put(&mut b, 40, &self.received_time_ns.to_le_bytes());
+        put(&mut b, 48, &self.body_len.to_le_bytes());
+        put(&mut b, 52, &self.body_crc.to_le_bytes());
+        seal(&mut b);
+        b
+    }
+
+    pub fn decode(b: &[u8; ENTRY_HEADER_LEN]) -> Result<Self, HeaderError> {
+        if u32_at(b, 0) != ENTRY_MAGIC {
+            return Err(HeaderError::Magic(b[0..4].to_vec()));
+        }
+        check_crc(b)?;
+        if b[4] != KIND_BATCH {
+            return Err(HeaderError::Kind(b[4]));
+        }
+        if b[5] & !FLAG_BARRIER != 0 {
+            return Err(HeaderError::Flags(b[5]));
+        }
+        let header = EntryHeader {
+            ends_on_barrier: b[5] & FLAG_BARRIER != 0,
+            id: u64_at(b, 8),
+            first_seq: u64_at(b, 16),
+            last_seq: u64_at(b, 24),
+            point_time_ns: u64_at(b, 32),
+            received_time_ns: u64_at(b, 40),
+            body_len: u32_at(b, 48),
+            body_crc: u32_at(b, 52),
+        };
+        if header.first_seq > header.last_seq {
+            return Err(HeaderError::SeqRange {
+                first_seq: header.first_seq,
+                last_seq: header.last_seq,
+            });
+        }
+        Ok(header)
+    }
+
+    /// Bytes the entry takes in its segment, header included.
+    pub fn entry_len(&self) -> u64 {
+        ENTRY_HEADER_LEN as u64 + u64::from(self.body_len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample_entry() -> EntryHeader {
+        EntryHeader {
+            ends_on_barrier: true,
+            id: 3,
+            first_seq: 100,
+            last_seq: 164,
+            point_time_ns: 1_700_000_000_000_000_000,
+            received_time_ns: 1_700_000_000_500_000_000,
+            body_len: 4096,
+            body_crc: crc32c::crc32c(b"body"),
+        }
+    }
+
+    fn sample_segment() -> SegmentHeader {
+        SegmentHeader {
+            disk_id: *b"0123456789abcdef",
+            disk_size: 1 << 30,
+            number: 7,
+            first_entry_id: 12,
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn entry_headers_round_trip(
+            barrier: bool, id: u64, first_seq: u64, span: u64,
+            point: u64, received: u64, body_len: u32, body_crc: u32,
+        ) {
+            let header = EntryHeader {
+                ends_on_barrier: barrier,
+                id,
+                first_seq,
+                last_seq: first_seq.saturating_add(span),
+                point_time_ns: point,
+                received_time_ns: received,
+                body_len,
+                body_crc,
+            };
+            prop_assert_eq!(EntryHeader::decode(&header.encode()), Ok(header));
+        }
+
+        #[test]
+        fn segment_headers_round_trip(
+            disk_id: [u8; 16], disk_size: u64, number: u64, first_entry_id: u64,
+        ) {
+            let header = SegmentHeader { disk_id, disk_size, number, first_entry_id };
+            prop_assert_eq!(SegmentHeader::decode(&header.encode()), Ok(header));
+        }
+    }
+
+    #[test]
+    fn any_flipped_bit_is_damage() {
+        let entry = sample_entry().encode();
+        let segment = sample_segment().encode();
+        for bit in 0..64 * 8 {
+            let mut bad = entry;
+            bad[bit / 8] ^= 1 << (bit % 8);
+            let err = EntryHeader::decode(&bad).expect_err("flip went unnoticed");
+            assert!(err.is_damage(), "entry bit {bit}: {err}");
+            let mut bad = segment;
+            bad[bit / 8] ^= 1 << (bit % 8);
+            let err = SegmentHeader::decode(&bad).expect_err("flip went unnoticed");
+            assert!(err.is_damage(), "segment bit {bit}: {err}");
+        }
+    }
+
+    #[test]
+    fn intact_headers_outside_version_1_are_refused_but_not_damage() {
+        let mut b = sample_segment().encode();
+        put(&mut b, 8, &2u32.to_le_bytes());
+        seal(&mut b);
+        assert_eq!(SegmentHeader::decode(&b), Err(HeaderError::Version(2)));
+        let mut b = sample_entry().encode();
+        b[4] = 9;
+        seal(&mut b);
+        assert_eq!(EntryHeader::decode(&b), Err(HeaderError::Kind(9)));
+        let mut b = sample_entry().encode();
+        b[5] = 0x81;
+        seal(&mut b);
+        assert_eq!(EntryHeader::decode(&b), Err(HeaderError::Flags(0x81)));
+        let mut b = sample_entry().encode();
+        put(&mut b, 24, &99u64.to_le_bytes());
+        seal(&mut b);
+        let err = EntryHeader::decode(&b).unwrap_err();
+        assert_eq!(
+            err,
+            HeaderError::SeqRange {
+                first_seq: 100,
+                last_seq: 99
+            }
+        );
+        assert!(!err.is_damage());
+    }
+
+    #[test]
+    fn segment_file_names_are_fixed_width_and_parse_back() {
+        assert_eq!(segment_file_name(1), "0000000000000001.seg");
+        assert_eq!(parse_segment_file_name("0000000000000001.seg"), Some(1));
+        assert_eq!(parse_segment_file_name("0000000000012345.seg"), Some(12345));
+        for name in [
+            "1.seg",
+            "000000000000000a.seg",
+            "0000000000000001.tmp",
+            "+000000000000001.seg",
+        ] {
+            assert_eq!(parse_segment_file_name(name), None, "{name}");
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! The journal of one protected disk: what the target has received, one entry
+//! per replicated batch, each entry a restore point. It owns `DIR/journal/`,
+//! a run of segment files (layout in [`crate::format`]) numbered from 1.
+//!
+//! [`Journal::append`] writes an entry and fdatasyncs it before returning, so
+//! a batch is acknowledged only once it is durable; segments roll over at
+//! [`JournalOptions::segment_size`]. [`Journal::open`] verifies every segment
+//! (same disk, consecutive segment numbers and entry ids, contiguous sequence
+//! ranges, every CRC), rebuilds the restore points and applies the
+//! [`RecoveryMode`] to a torn tail (what a crash while appending leaves; see
+//! `scan.rs`). Anything else that fails verification is corruption: an error
+//! naming the segment and offset, never skipped. One writer at a time holds
+//! the journal (an `flock` on its directory); [`Journal::open_read_only`]
+//! takes no lock and changes nothing.
+//!
+//! Inside: `scan` reads and verifies segments and tells a torn tail from
+//! corruption, `recovery` reports what was found, `append` is the writer,
+//! `files` the durable file-system steps, `error` the errors.
+
+mod append;
+mod error;
+mod files;
+mod recovery;
+mod scan;
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+pub use error::JournalError;
+pub use recovery::{RecoveryReport, TornCause, TornTail};
+
+use crate::format::{EntryHeader, SegmentHeader, ENTRY_HEADER_LEN, SEGMENT_HEADER_LEN};
+use append::Writer;
+use files::io_err;
+use recovery::torn_tail;
+use scan::{Identity, Scan, Segment};
+
+/// The journal's directory inside the target's directory for a disk.
+pub const JOURNAL_DIR: &str = "journal";
+/// Default size at which a segment rolls over: 64 MiB.
+pub const DEFAULT_SEGMENT_SIZE: u64 = 64 << 20;
+
+/// What [`Journal::open`] does with a torn tail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RecoveryMode {
+    /// Truncate it, with a warning, and say so in the [`RecoveryReport`].
+    #[default]
+    TolerateTornTail,
+    /// Refuse to open, as for any other damage.
+    Strict,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JournalOptions {
+    /// A segment rolls over when the next entry would take it past this many
+    /// bytes. An entry too big for a fresh segment still goes in, alone.
+    pub segment_size: u64,
+    pub recovery: RecoveryMode,
+}
+
+impl Default for JournalOptions {
+    fn default() -> Self {
+        JournalOptions {
+            segment_size: DEFAULT_SEGMENT_SIZE,
+            recovery: RecoveryMode::default(),
+        }
+    }
+}
+
+/// One journal entry: a replicated batch, the point in time it restores to,
+/// and where its body lies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestorePoint {
+    pub id: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// When the source cut the batch, ns since the epoch (the source's clock).
+    pub point_time_ns: u64,
+    /// When the target journaled it, ns since the epoch (the target's clock).
+    pub received_time_ns: u64,
+    pub ends_on_barrier: bool,
+    /// Segment number.
+    pub segment: u64,
+    /// Offset of the entry header in the segment.
+    pub offset: u64,
+    pub body_len: u32,
+}
+
+impl RestorePoint {
+    fn new(header: &EntryHeader, segment: u64, offset: u64) -> Self {
+        RestorePoint {
+            id: header.id,
+            first_seq: header.first_seq,
+            last_seq: header.last_seq,
+            point_time_ns: header.point_time_ns,
+            received_time_ns: header.received_time_ns,
+            ends_on_barrier: header.ends_on_barrier,
+            segment,
+            offset,
+            body_len: header.body_len,
+        }
+    }
+}
+
+/// The metadata of a batch to append; the journal adds the id and the
+/// received time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchMeta {
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// When the source cut the batch, ns since the epoch (the source's clock).
+    pub point_time_ns: u64,
+    /// The batch ends on a barrier (a flush or FUA write).
+    pub ends_on_barrier: bool,
+}
+
+/// An open journal: the index of its restore points and, unless read-only,
+/// the writer.
+#[derive(Debug)]
+pub struct Journal {
+    dir: PathBuf,
+    identity: Identity,
+    segments: Vec<Segment>,
+    points: Vec<RestorePoint>,
+    writer: Option<Writer>,
+}
+
+impl Journal {
+    /// Opens the journal in `dir/journal` for appending, creating it if
+    /// missing, for the disk `disk_id` of `disk_size` bytes.
+    pub fn open(
+        dir: &Path,
+        disk_id: [u8; 16],
+        disk_size: u64,
+        options: JournalOptions,
+    ) -> Result<(Journal, RecoveryReport), JournalError> {
+        let jdir = dir.join(JOURNAL_DIR);
+        if !jdir.is_dir() {
+            std::fs::create_dir_all(&jdir).map_err(io_err(&jdir, "create directory", 0))?;
+            let parent = File::open(dir).map_err(io_err(dir, "open directory", 0))?;
+            files::sync_dir(dir, &parent)?;
+        }
+        let dir_handle = files::lock_dir(&jdir)?;
+        let identity = Identity {
+            id: disk_id,
+            size: disk_size,
+        };
+        let Scan {
+            mut segments,
+            points,
+            torn,
+            ..
+        } = scan::scan(&jdir, Some(identity))?;
+        let mut report = RecoveryReport {
+            segments: segments.len(),
+            points: points.len(),
+            torn_tail: None,
+        };
+        if let Some(torn) = torn {
+            if options.recovery == RecoveryMode::Strict {
+                return Err(JournalError::TornTail {
+                    path: torn.path,
+                    offset: torn.offset,
+                    cause: torn.cause,
+                });
+            }
+            if torn.cause == TornCause::SegmentHeader {
+                files::remove(&jdir, &dir_handle, &torn.path)?;
+            } else {
+                files::truncate(&torn.path, torn.offset)?;
+                if let Some(newest) = segments.last_mut() {
+                    newest.len = torn.offset;
+                }
+            }
+            report.torn_tail = Some(torn_tail(torn, true));
+        }
+        let file = match segments.last() {
+            Some(newest) => files::open_for_append(&newest.path)?,
+            None => {
+                let header = SegmentHeader {
+                    disk_id,
+                    disk_size,
+                    number: 1,
+                    first_entry_id: 1,
+                };
+                let (path, file) = files::create_segment(&jdir, &dir_handle, &header)?;
+                segments.push(Segment {
+                    number: 1,
+                    path,
+                    len: SEGMENT_HEADER_LEN as u64,
+                });
+                file
+            }
+        };
+        let journal = Journal {
+            dir: jdir,
+            identity,
+            segments,
+            points,
+            writer: Some(Writer::new(dir_handle, file, options.segment_size)),
+        };
+        Ok((journal, report))
+    }
+
+    /// Opens the journal in `dir/journal` for reading only, for tools: takes
+    /// the disk from the first segment, verifies everything like
+    /// [`Journal::open`], and reports a torn tail without cutting it off.
+    pub fn open_read_only(dir: &Path) -> Result<(Journal, RecoveryReport), JournalError> {
+        let jdir = dir.join(JOURNAL_DIR);
+        let Scan {
+            identity,
+            segments,
+            points,
+            torn,
+        } = scan::scan(&jdir, None)?;
+        let identity = identity.ok_or_else(|| JournalError::Empty { path: jdir.clone() })?;
+        let report = RecoveryReport {
+            segments: segments.len(),
+            points: points.len(),
+            torn_tail: torn.map(|torn| torn_tail(torn, false)),
+        };
+        let journal = Journal {
+            dir: jdir,
+            identity,
+            segments,
+            points,
+            writer: None,
+        };
+        Ok((journal, report))
+    }
+
+    /// The restore points, oldest first.
+    pub fn points(&self) -> &[RestorePoint] {
+        &self.points
+    }
+
+    /// The last capture sequence number in the journal.
+    pub fn last_seq(&self) -> Option<u64> {
+        self.points.last().map(|p| p.last_seq)
+    }
+
+    pub fn disk_id(&self) -> [u8; 16] {
+        self.identity.id
+    }
+
+    pub fn disk_size(&self) -> u64 {
+        self.identity.size
+    }
+
+    /// Bytes in the segment files (a torn tail left by a read-only open
+    /// included).
+    pub fn bytes_on_disk(&self) -> u64 {
+        self.segments.iter().map(|s| s.len).sum()
+    }
+
+    /// Reads the body of `point` back from disk, verifying its header and
+    /// body CRCs again.
+    pub fn read_body(&self, point: &RestorePoint) -> Result<Vec<u8>, JournalError> {
+        let first = self.points.first().map_or(1, |p| p.id);
+        let stored = point
+            .id
+            .checked_sub(first)
+            .and_then(|i| self.points.get(usize::try_from(i).ok()?))
+            .filter(|p| *p == point)
+            .ok_or(JournalError::UnknownPoint { id: point.id })?;
+        let seg = self
+            .segments
+            .iter()
+            .find(|s| s.number == stored.segment)
+            .expect("every point lies in a segment of the journal");
+        let (path, offset) = (&seg.path, stored.offset);
+        let file = File::open(path).map_err(io_err(path, "open segment", offset))?;
+        let mut raw = [0u8; ENTRY_HEADER_LEN];
+        file.read_exact_at(&mut raw, offset)
+            .map_err(io_err(path, "read entry header", offset))?;
+        let header = EntryHeader::decode(&raw).map_err(|source| JournalError::EntryHeader {
+            path: path.clone(),
+            offset,
+            source,
+        })?;
+        if RestorePoint::new(&header, seg.number, offset) != *stored {
+            return Err(JournalError::Changed {
+                path: path.clone(),
+                offset,
+                id: stored.id,
+            });
+        }
+        let mut body = vec![0u8; header.body_len as usize];
+        file.read_exact_at(&mut body, offset + ENTRY_HEADER_LEN as u64)
+            .map_err(io_err(path, "read entry body", offset))?;
+        let computed = crc32c::crc32c(&body);
+        if computed != header.body_crc {
+            return Err(JournalError::BodyCrc {
+                path: path.clone(),
+                offset,
+                id: header.id,
+                stored: header.body_crc,
+                computed,
+            });
+        }
+        Ok(body)
+    }
+}

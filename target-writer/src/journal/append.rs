@@ -1,0 +1,173 @@
+//! Appending: checks that a batch continues the journal, writes its entry,
+//! rolls to a new segment when the newest is full, and makes every step
+//! durable before it returns.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::files::{self, io_err};
+use super::scan::Segment;
+use super::{BatchMeta, Journal, JournalError, RestorePoint};
+use crate::format::{
+    segment_file_name, EntryHeader, SegmentHeader, ENTRY_HEADER_LEN, SEGMENT_HEADER_LEN,
+};
+
+/// The writing side of a journal opened for appending.
+#[derive(Debug)]
+pub(super) struct Writer {
+    /// The locked journal directory.
+    dir_handle: File,
+    /// The newest segment.
+    file: File,
+    /// Where an append failed; the journal takes no more until reopened.
+    failed: Option<(PathBuf, u64)>,
+    segment_size: u64,
+}
+
+impl Writer {
+    /// `dir_handle` is the locked journal directory, `file` the newest
+    /// segment, open for writing.
+    pub(super) fn new(dir_handle: File, file: File, segment_size: u64) -> Self {
+        Writer {
+            dir_handle,
+            file,
+            failed: None,
+            segment_size,
+        }
+    }
+}
+
+impl Journal {
+    /// Appends one batch as a new restore point and makes it durable
+    /// (fdatasync) before returning. The batch must continue the journal's
+    /// sequence: its first seq is one past the journal's last. After an I/O
+    /// error the journal refuses further appends until reopened.
+    pub fn append(&mut self, batch: BatchMeta, body: &[u8]) -> Result<RestorePoint, JournalError> {
+        let segment_size = self.writer()?.segment_size;
+        let header = self.entry_header(batch, body)?;
+        let newest = self.newest();
+        let has_entries = newest.len > SEGMENT_HEADER_LEN as u64;
+        if has_entries && newest.len.saturating_add(header.entry_len()) > segment_size {
+            self.roll(header.id)?;
+        }
+        self.write_entry(&header, body)
+    }
+
+    /// The writer, if the journal takes appends.
+    fn writer(&self) -> Result<&Writer, JournalError> {
+        match &self.writer {
+            None => Err(JournalError::ReadOnly {
+                path: self.dir.clone(),
+            }),
+            Some(Writer {
+                failed: Some((path, offset)),
+                ..
+            }) => Err(JournalError::Failed {
+                path: path.clone(),
+                offset: *offset,
+            }),
+            Some(writer) => Ok(writer),
+        }
+    }
+
+    fn newest(&self) -> &Segment {
+        self.segments.last().expect("an open journal has a segment")
+    }
+
+    /// The header for `batch`, once it is known to continue the journal.
+    fn entry_header(&self, batch: BatchMeta, body: &[u8]) -> Result<EntryHeader, JournalError> {
+        if batch.first_seq > batch.last_seq {
+            return Err(JournalError::SeqRange {
+                first_seq: batch.first_seq,
+                last_seq: batch.last_seq,
+            });
+        }
+        if let Some(last) = self.last_seq() {
+            if last.checked_add(1) != Some(batch.first_seq) {
+                return Err(JournalError::NotContiguous {
+                    first_seq: batch.first_seq,
+                    last_seq: batch.last_seq,
+                    journal_last_seq: last,
+                });
+            }
+        }
+        let body_len = u32::try_from(body.len())
+            .map_err(|_| JournalError::BodyTooLarge { len: body.len() })?;
+        Ok(EntryHeader {
+            ends_on_barrier: batch.ends_on_barrier,
+            id: self.points.last().map_or(1, |p| p.id + 1),
+            first_seq: batch.first_seq,
+            last_seq: batch.last_seq,
+            point_time_ns: batch.point_time_ns,
+            received_time_ns: now_ns(),
+            body_len,
+            body_crc: crc32c::crc32c(body),
+        })
+    }
+
+    /// Starts the next segment, whose first entry will be `first_entry_id`.
+    fn roll(&mut self, first_entry_id: u64) -> Result<(), JournalError> {
+        let number = self.newest().number + 1;
+        let header = SegmentHeader {
+            disk_id: self.identity.id,
+            disk_size: self.identity.size,
+            number,
+            first_entry_id,
+        };
+        let writer = self.writer.as_mut().expect("checked writable");
+        match files::create_segment(&self.dir, &writer.dir_handle, &header) {
+            Ok((path, file)) => {
+                writer.file = file;
+                self.segments.push(Segment {
+                    number,
+                    path,
+                    len: SEGMENT_HEADER_LEN as u64,
+                });
+                Ok(())
+            }
+            Err(err) => {
+                let path = self.dir.join(segment_file_name(number));
+                writer.failed = Some((path, 0));
+                Err(err)
+            }
+        }
+    }
+
+    fn write_entry(
+        &mut self,
+        header: &EntryHeader,
+        body: &[u8],
+    ) -> Result<RestorePoint, JournalError> {
+        let writer = self.writer.as_mut().expect("checked writable");
+        let seg = self
+            .segments
+            .last_mut()
+            .expect("an open journal has a segment");
+        let offset = seg.len;
+        let written = writer
+            .file
+            .write_all_at(&header.encode(), offset)
+            .and_then(|()| {
+                writer
+                    .file
+                    .write_all_at(body, offset + ENTRY_HEADER_LEN as u64)
+            })
+            .and_then(|()| writer.file.sync_data());
+        if let Err(source) = written {
+            writer.failed = Some((seg.path.clone(), offset));
+            return Err(io_err(&seg.path, "append entry", offset)(source));
+        }
+        seg.len += header.entry_len();
+        let point = RestorePoint::new(header, seg.number, offset);
+        self.points.push(point);
+        Ok(point)
+    }
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
