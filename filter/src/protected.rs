@@ -35,6 +35,68 @@ impl ProtectedDisk {
         &self.backing
     }
 
+    /// The sequence number the next captured record will get.
+    pub fn next_seq(&self) -> u64 {
+        self.capture.next_seq()
+    }
+
+    /// Copies `[offset, offset + len)` of the disk, as it is now, into the
+    /// capture stream: the full sync. Holes and all-zero 4 KiB blocks become
+    /// `Zero` records, everything else `Write` records. The range is locked
+    /// like a write, so a client write to it lands either wholly before the
+    /// read (and the read sees it) or wholly after the records (and has a
+    /// higher sequence number): the stream stays exact.
+    pub async fn capture_contents(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        let (start, end) = self.backing.touched_range(offset, len);
+        let _turn = self.changes.lock(start, end).await;
+        let io_err = |op| {
+            move |source| DeviceError::Io {
+                op,
+                offset,
+                len,
+                source,
+            }
+        };
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let runs = self
+                .backing
+                .extents(pos, end - pos)
+                .await
+                .map_err(io_err("block status"))?;
+            if runs.is_empty() {
+                break;
+            }
+            for run in runs {
+                if run.hole {
+                    self.capture(RecordKind::Zero, false, pos, run.length, Bytes::new())
+                        .await?;
+                } else {
+                    let data = self
+                        .backing
+                        .read(pos, run.length as usize)
+                        .await
+                        .map_err(io_err("read"))?;
+                    for piece in split_zero_blocks(pos, data) {
+                        match piece {
+                            Piece::Data(at, data) => {
+                                self.capture(RecordKind::Write, false, at, data.len() as u64, data)
+                                    .await?
+                            }
+                            Piece::Zero(at, len) => {
+                                self.capture(RecordKind::Zero, false, at, len, Bytes::new())
+                                    .await?
+                            }
+                        }
+                    }
+                }
+                pos += run.length;
+            }
+        }
+        Ok(())
+    }
+
     async fn capture(
         &self,
         kind: RecordKind,
@@ -188,5 +250,75 @@ impl BlockDevice for ProtectedDisk {
                 len,
                 source,
             })
+    }
+}
+
+/// A run of a data extent: bytes to ship, or zeros not to.
+#[derive(Debug, PartialEq, Eq)]
+enum Piece {
+    Data(u64, Bytes),
+    Zero(u64, u64),
+}
+
+/// Splits `data` (read at `offset`) into runs of all-zero 4 KiB blocks and
+/// runs of other blocks, slicing without copying.
+fn split_zero_blocks(offset: u64, data: Bytes) -> Vec<Piece> {
+    const BLOCK: usize = 4096;
+    let mut pieces = Vec::new();
+    let mut run_start = 0;
+    let mut run_zero = None;
+    let mut at = 0;
+    while at < data.len() {
+        let block_end = (at + BLOCK).min(data.len());
+        let zero = data[at..block_end].iter().all(|&b| b == 0);
+        if run_zero.is_some_and(|z| z != zero) {
+            pieces.push(piece(offset, &data, run_start, at, run_zero == Some(true)));
+            run_start = at;
+        }
+        run_zero = Some(zero);
+        at = block_end;
+    }
+    if run_start < data.len() {
+        pieces.push(piece(
+            offset,
+            &data,
+            run_start,
+            data.len(),
+            run_zero == Some(true),
+        ));
+    }
+    pieces
+}
+
+fn piece(offset: u64, data: &Bytes, start: usize, end: usize, zero: bool) -> Piece {
+    let at = offset + start as u64;
+    if zero {
+        Piece::Zero(at, (end - start) as u64)
+    } else {
+        Piece::Data(at, data.slice(start..end))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_blocks_are_split_out_without_copying() {
+        let mut raw = vec![0u8; 5 * 4096 + 100];
+        raw[4096] = 1;
+        raw[3 * 4096 + 7] = 2;
+        let data = Bytes::from(raw);
+        let pieces = split_zero_blocks(1 << 20, data.clone());
+        assert_eq!(
+            pieces,
+            vec![
+                Piece::Zero(1 << 20, 4096),
+                Piece::Data((1 << 20) + 4096, data.slice(4096..8192)),
+                Piece::Zero((1 << 20) + 8192, 4096),
+                Piece::Data((1 << 20) + 3 * 4096, data.slice(3 * 4096..4 * 4096)),
+                Piece::Zero((1 << 20) + 4 * 4096, 4096 + 100),
+            ]
+        );
     }
 }

@@ -25,6 +25,7 @@ use filter::capture::{Record, RecordKind};
 const VERSION: u8 = 1;
 /// Flags bit 0: the batch ends on a barrier.
 const FLAG_BARRIER: u8 = 1;
+const FLAG_IN_SYNC: u8 = 2;
 /// Version, flags, extent count.
 const HEADER_LEN: usize = 1 + 1 + 4;
 /// Kind, offset, length.
@@ -58,6 +59,9 @@ pub struct Batch {
     pub last_seq: u64,
     /// The last record is a barrier (a flush, or a FUA change).
     pub ends_on_barrier: bool,
+    /// Cut before the source's full sync completed: not a consistent image
+    /// by itself (set by the shipper, which knows where the sync stands).
+    pub in_sync: bool,
     /// Sorted by offset, non-overlapping, none empty.
     pub extents: Vec<Extent>,
 }
@@ -124,11 +128,12 @@ impl Batch {
         let mut out =
             Vec::with_capacity(HEADER_LEN + self.extents.len() * EXTENT_HEADER_LEN + data);
         out.push(VERSION);
-        out.push(if self.ends_on_barrier {
+        let barrier = if self.ends_on_barrier {
             FLAG_BARRIER
         } else {
             0
-        });
+        };
+        out.push(barrier | if self.in_sync { FLAG_IN_SYNC } else { 0 });
         out.extend_from_slice(&count.to_le_bytes());
         for extent in &self.extents {
             let (kind, offset, len) = match extent {
@@ -165,7 +170,7 @@ impl Batch {
         }
         let at = r.pos;
         let flags = r.u8("flags")?;
-        if flags & !FLAG_BARRIER != 0 {
+        if flags & !(FLAG_BARRIER | FLAG_IN_SYNC) != 0 {
             return Err(BatchError::Flags { at, flags });
         }
         let at = r.pos;
@@ -234,6 +239,7 @@ impl Batch {
             first_seq,
             last_seq,
             ends_on_barrier: flags & FLAG_BARRIER != 0,
+            in_sync: flags & FLAG_IN_SYNC != 0,
             extents,
         })
     }
@@ -425,6 +431,7 @@ impl BatchBuilder {
             first_seq,
             last_seq,
             ends_on_barrier: taken.ends_on_barrier,
+            in_sync: false,
             extents: taken
                 .extents
                 .into_iter()
@@ -855,6 +862,7 @@ mod tests {
                 first_seq: 5,
                 last_seq: 10,
                 ends_on_barrier: true,
+                in_sync: false,
                 extents: vec![
                     data(8, b"XYZ"),
                     data(11, b"bc"),
@@ -898,6 +906,7 @@ mod tests {
             first_seq: 1,
             last_seq: 2,
             ends_on_barrier: false,
+            in_sync: false,
             extents: vec![data(0x0102, b"hi"), Extent::Zero { offset: 9, len: 3 }],
         };
         let mut expected = vec![1, 0, 2, 0, 0, 0];
@@ -930,8 +939,8 @@ mod tests {
             BatchError::Version { at: 0, version: 2 }
         );
         assert_eq!(
-            decode(&payload(3, 0, &[])),
-            BatchError::Flags { at: 1, flags: 3 }
+            decode(&payload(5, 0, &[])),
+            BatchError::Flags { at: 1, flags: 5 }
         );
         assert_eq!(
             decode(&payload(0, 2, &[(2, 0, 1, b"")])),
@@ -1011,6 +1020,7 @@ mod tests {
             first_seq: 0,
             last_seq: 0,
             ends_on_barrier: false,
+            in_sync: false,
             extents: vec![
                 data(1, b"xy"),
                 Extent::Zero {

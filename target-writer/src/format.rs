@@ -40,6 +40,7 @@ pub const ENTRY_HEADER_LEN: usize = 64;
 /// 64-byte session salt followed by an encrypted frame (opaque here).
 pub const KIND_BATCH: u8 = 1;
 const FLAG_BARRIER: u8 = 1;
+const FLAG_IN_SYNC: u8 = 2;
 /// Both headers end in the CRC32C of everything before it.
 const CRC_AT: usize = 60;
 
@@ -56,6 +57,9 @@ pub struct SegmentHeader {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EntryHeader {
     pub ends_on_barrier: bool,
+    /// Cut before the source's full sync completed: applied by restores of
+    /// later points, but not a restore point itself.
+    pub in_sync: bool,
     pub id: u64,
     pub first_seq: u64,
     pub last_seq: u64,
@@ -179,7 +183,7 @@ impl EntryHeader {
             FLAG_BARRIER
         } else {
             0
-        };
+        } | if self.in_sync { FLAG_IN_SYNC } else { 0 };
         put(&mut b, 8, &self.id.to_le_bytes());
         put(&mut b, 16, &self.first_seq.to_le_bytes());
         put(&mut b, 24, &self.last_seq.to_le_bytes());
@@ -199,11 +203,12 @@ impl EntryHeader {
         if b[4] != KIND_BATCH {
             return Err(HeaderError::Kind(b[4]));
         }
-        if b[5] & !FLAG_BARRIER != 0 {
+        if b[5] & !(FLAG_BARRIER | FLAG_IN_SYNC) != 0 {
             return Err(HeaderError::Flags(b[5]));
         }
         let header = EntryHeader {
             ends_on_barrier: b[5] & FLAG_BARRIER != 0,
+            in_sync: b[5] & FLAG_IN_SYNC != 0,
             id: u64_at(b, 8),
             first_seq: u64_at(b, 16),
             last_seq: u64_at(b, 24),
@@ -235,6 +240,7 @@ mod tests {
     fn sample_entry() -> EntryHeader {
         EntryHeader {
             ends_on_barrier: true,
+            in_sync: false,
             id: 3,
             first_seq: 100,
             last_seq: 164,
@@ -257,11 +263,12 @@ mod tests {
     proptest! {
         #[test]
         fn entry_headers_round_trip(
-            barrier: bool, id: u64, first_seq: u64, span: u64,
+            barrier: bool, in_sync: bool, id: u64, first_seq: u64, span: u64,
             point: u64, received: u64, body_len: u32, body_crc: u32,
         ) {
             let header = EntryHeader {
                 ends_on_barrier: barrier,
+                in_sync,
                 id,
                 first_seq,
                 last_seq: first_seq.saturating_add(span),

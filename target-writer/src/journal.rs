@@ -80,6 +80,9 @@ pub struct RestorePoint {
     /// When the target journaled it, ns since the epoch (the target's clock).
     pub received_time_ns: u64,
     pub ends_on_barrier: bool,
+    /// Cut during a full sync: restores of later points apply it, but it is
+    /// not a consistent image by itself.
+    pub in_sync: bool,
     /// Segment number.
     pub segment: u64,
     /// Offset of the entry header in the segment.
@@ -96,6 +99,7 @@ impl RestorePoint {
             point_time_ns: header.point_time_ns,
             received_time_ns: header.received_time_ns,
             ends_on_barrier: header.ends_on_barrier,
+            in_sync: header.in_sync,
             segment,
             offset,
             body_len: header.body_len,
@@ -113,6 +117,8 @@ pub struct BatchMeta {
     pub point_time_ns: u64,
     /// The batch ends on a barrier (a flush or FUA write).
     pub ends_on_barrier: bool,
+    /// The batch was cut before the source's full sync completed.
+    pub in_sync: bool,
 }
 
 /// An open journal: the index of its restore points and, unless read-only,

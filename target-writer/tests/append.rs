@@ -51,6 +51,7 @@ fn points_and_bodies_survive_a_reopen_over_many_segments() {
         assert_eq!((point.first_seq, point.last_seq), (b.first_seq, b.last_seq));
         assert_eq!(point.point_time_ns, b.point_time_ns);
         assert_eq!(point.ends_on_barrier, b.ends_on_barrier);
+        assert_eq!(point.in_sync, b.in_sync);
         assert_eq!(point.body_len as usize, body(n).len());
         assert!((before..=after).contains(&point.received_time_ns));
     }
@@ -96,6 +97,7 @@ fn sequence_ranges_must_continue_the_journal() {
         last_seq: 0,
         point_time_ns: 5,
         ends_on_barrier: true,
+        in_sync: false,
     };
     journal.append(first, b"any first range").unwrap();
     let with = |first_seq, last_seq| BatchMeta {

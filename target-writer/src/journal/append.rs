@@ -97,6 +97,7 @@ impl Journal {
             .map_err(|_| JournalError::BodyTooLarge { len: body.len() })?;
         Ok(EntryHeader {
             ends_on_barrier: batch.ends_on_barrier,
+            in_sync: batch.in_sync,
             id: self.points.last().map_or(1, |p| p.id + 1),
             first_seq: batch.first_seq,
             last_seq: batch.last_seq,

@@ -44,6 +44,7 @@ pub fn batch(n: u64) -> BatchMeta {
         last_seq: 10 * n + 9,
         point_time_ns: 1_000_000 * n,
         ends_on_barrier: n % 3 == 0,
+        in_sync: n % 4 == 1,
     }
 }
 
