@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests and benchmarks use: real NBD clients
-# and peer servers, fio, FUSE and ext4 tools. Idempotent; runs as root or via sudo.
+# and peer servers, fio, FUSE and ext4 tools, and the zstd and openssl command
+# lines the codec benchmark compares against. Idempotent; runs as root or via sudo.
 set -euo pipefail
 
-packages=(libnbd-bin python3-libnbd nbdkit fio fuse3 qemu-utils e2fsprogs util-linux)
+packages=(libnbd-bin python3-libnbd nbdkit fio fuse3 qemu-utils e2fsprogs util-linux zstd openssl)
 
 missing=()
 for p in "${packages[@]}"; do

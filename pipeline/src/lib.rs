@@ -1,6 +1,11 @@
-//! The replication pipeline (not built yet): drains the filter's capture rings,
-//! cuts a batch every RPO interval (newest data per block wins within a batch),
-//! compresses with zstd, encrypts with AES-256-GCM and ships batches to the
-//! target writer over TCP. See `docs/ARCHITECTURE.md`.
+//! The replication pipeline: carries the filter's captured changes to the
+//! target writer. The pre-shared key ([`key`]); batches, the net effect of a
+//! run of records with the newest data per byte winning ([`batch`]), cut
+//! every RPO interval from the capture ring ([`cutter`]); the frame codec
+//! that seals batches for the wire and for storage at rest ([`codec`], byte
+//! layout in [`frame`]). See `docs/REPLICATION.md`.
 pub mod batch;
+pub mod codec;
 pub mod cutter;
+pub mod frame;
+pub mod key;
