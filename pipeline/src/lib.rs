@@ -9,3 +9,4 @@ pub mod codec;
 pub mod cutter;
 pub mod frame;
 pub mod key;
+pub mod session;

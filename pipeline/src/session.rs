@@ -1,0 +1,447 @@
+//! The replication session between a source (`cdp protect`) and a target
+//! (`cdp target`), on any byte stream (TCP in practice). Specified in
+//! `docs/FORMATS.md` ("Replication session, version 1").
+//!
+//! Handshake: the source says which disk it protects and sends a random
+//! nonce; the target answers with its own nonce and proves it holds the key
+//! (an HMAC over the transcript with a key derived from the key file and both
+//! nonces); the source checks that proof and proves the same in return. Only
+//! then does the target accept frames, so a wrong key on either side is found
+//! before anything is written, and each side says so. Both nonces salt the
+//! session keys, so frames of two sessions never share a key and nonce.
+//!
+//! After the handshake the source sends sealed batch frames and the target
+//! answers each with a sealed acknowledgment frame once the batch is durable.
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::codec::{
+    frame_len, handshake_proof, verify_proof, Direction, FrameKind, FrameMeta, Opener, Sealer,
+    SessionSalt, FRAME_HEADER_LEN,
+};
+use crate::key::Key;
+
+/// Opens every handshake message.
+pub const MAGIC: [u8; 8] = *b"CDPREPL1";
+/// The session protocol version this build speaks.
+pub const VERSION: u16 = 1;
+/// Largest frame a peer may send (a batch is cut well below this).
+pub const MAX_FRAME: usize = 512 << 20;
+
+const HELLO_LEN: usize = 8 + 2 + 2 + 16 + 8 + 32;
+const STATUS_OK: u16 = 0;
+const STATUS_VERSION: u16 = 1;
+const STATUS_OTHER_DISK: u16 = 2;
+const STATUS_WRONG_KEY: u16 = 3;
+const STATUS_BUSY: u16 = 4;
+
+/// What the source announces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hello {
+    pub disk_id: [u8; 16],
+    pub disk_size: u64,
+}
+
+/// Where the target's journal stands for this disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TargetState {
+    /// The sequence number of the next record the target expects; 0 when it
+    /// holds nothing for this disk yet.
+    pub next_seq: u64,
+}
+
+/// Why the target turns a source away.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    OtherDisk(String),
+    Busy(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the peer does not speak the cdp replication protocol (bad magic {0:02x?})")]
+    BadMagic([u8; 8]),
+    #[error("protocol version mismatch: we speak {ours}, the peer {theirs}")]
+    Version { ours: u16, theirs: u16 },
+    #[error("the target failed to prove it holds our key: the key files differ")]
+    TargetWrongKey,
+    #[error("the source failed to prove it holds our key: the key files differ")]
+    SourceWrongKey,
+    #[error("the target refused us: {0}")]
+    Refused(String),
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME} byte limit")]
+    FrameTooBig(usize),
+    #[error("frame: {0}")]
+    Codec(#[from] crate::codec::CodecError),
+    #[error("unexpected {0:?} frame")]
+    UnexpectedFrame(FrameKind),
+    #[error("malformed acknowledgment of {0} bytes")]
+    MalformedAck(usize),
+}
+
+/// An established session: seals what we send, opens what we receive.
+#[derive(Debug)]
+pub struct Session {
+    pub salt: SessionSalt,
+    pub sealer: Sealer,
+    pub opener: Opener,
+}
+
+fn encode_hello(hello: &Hello, nonce: &[u8; 32]) -> [u8; HELLO_LEN] {
+    let mut b = [0u8; HELLO_LEN];
+    b[0..8].copy_from_slice(&MAGIC);
+    b[8..10].copy_from_slice(&VERSION.to_be_bytes());
+    b[12..28].copy_from_slice(&hello.disk_id);
+    b[28..36].copy_from_slice(&hello.disk_size.to_be_bytes());
+    b[36..68].copy_from_slice(nonce);
+    b
+}
+
+/// The bytes both proofs cover: the hello and the target's nonce.
+fn transcript(hello: &[u8; HELLO_LEN], target_nonce: &[u8; 32]) -> Vec<u8> {
+    [&hello[..], &target_nonce[..]].concat()
+}
+
+fn check_magic_and_version(magic: [u8; 8], version: u16) -> Result<(), SessionError> {
+    if magic != MAGIC {
+        return Err(SessionError::BadMagic(magic));
+    }
+    if version != VERSION {
+        return Err(SessionError::Version {
+            ours: VERSION,
+            theirs: version,
+        });
+    }
+    Ok(())
+}
+
+async fn write_status<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    status: u16,
+    message: &str,
+) -> std::io::Result<()> {
+    let message = &message.as_bytes()[..message.len().min(1024)];
+    let mut b = Vec::with_capacity(4 + message.len());
+    b.extend_from_slice(&status.to_be_bytes());
+    b.extend_from_slice(&(message.len() as u16).to_be_bytes());
+    b.extend_from_slice(message);
+    stream.write_all(&b).await
+}
+
+async fn read_status<S: AsyncRead + Unpin>(stream: &mut S) -> Result<(u16, String), SessionError> {
+    let status = stream.read_u16().await?;
+    let len = stream.read_u16().await? as usize;
+    let mut message = vec![0u8; len];
+    stream.read_exact(&mut message).await?;
+    Ok((status, String::from_utf8_lossy(&message).into_owned()))
+}
+
+fn error_for_status(status: u16, message: String) -> SessionError {
+    match status {
+        STATUS_WRONG_KEY => SessionError::SourceWrongKey,
+        _ => SessionError::Refused(message),
+    }
+}
+
+/// The source's side: announces the disk, checks the target's proof, proves
+/// ours, and learns where the target stands.
+pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    key: &Key,
+    hello: Hello,
+) -> Result<(Session, TargetState), SessionError> {
+    let source_nonce = SessionSalt::random_half();
+    let hello_bytes = encode_hello(&hello, &source_nonce);
+    stream.write_all(&hello_bytes).await?;
+
+    let mut magic = [0u8; 8];
+    stream.read_exact(&mut magic).await?;
+    let version = stream.read_u16().await?;
+    check_magic_and_version(magic, version)?;
+    let (status, message) = read_status(stream).await?;
+    if status != STATUS_OK {
+        return Err(error_for_status(status, message));
+    }
+    let mut target_nonce = [0u8; 32];
+    stream.read_exact(&mut target_nonce).await?;
+    let mut target_proof = [0u8; 32];
+    stream.read_exact(&mut target_proof).await?;
+
+    let salt = SessionSalt {
+        source_nonce,
+        target_nonce,
+    };
+    let transcript = transcript(&hello_bytes, &target_nonce);
+    if !verify_proof(
+        key,
+        &salt,
+        Direction::TargetToSource,
+        &transcript,
+        &target_proof,
+    ) {
+        return Err(SessionError::TargetWrongKey);
+    }
+    stream
+        .write_all(&handshake_proof(
+            key,
+            &salt,
+            Direction::SourceToTarget,
+            &transcript,
+        ))
+        .await?;
+    let (status, message) = read_status(stream).await?;
+    if status != STATUS_OK {
+        return Err(error_for_status(status, message));
+    }
+    let mut session = Session {
+        sealer: Sealer::new(key, &salt, Direction::SourceToTarget),
+        opener: Opener::new(key, &salt, Direction::TargetToSource),
+        salt,
+    };
+    let (meta, body) = session.receive(stream).await?;
+    if meta.kind != FrameKind::Ack {
+        return Err(SessionError::UnexpectedFrame(meta.kind));
+    }
+    Ok((
+        session,
+        TargetState {
+            next_seq: decode_ack(&body)?,
+        },
+    ))
+}
+
+/// The target's side: reads the hello, asks `admit` whether to take this
+/// disk (and where its journal stands), proves our key, checks the source's
+/// proof, and tells the source where we stand.
+pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    key: &Key,
+    admit: impl FnOnce(&Hello) -> Result<TargetState, Refusal>,
+) -> Result<(Session, Hello), SessionError> {
+    let mut hello_bytes = [0u8; HELLO_LEN];
+    stream.read_exact(&mut hello_bytes).await?;
+    let magic: [u8; 8] = hello_bytes[0..8].try_into().expect("8 bytes");
+    let version = u16::from_be_bytes([hello_bytes[8], hello_bytes[9]]);
+    stream.write_all(&MAGIC).await?;
+    stream.write_all(&VERSION.to_be_bytes()).await?;
+    if let Err(e) = check_magic_and_version(magic, version) {
+        if matches!(e, SessionError::Version { .. }) {
+            write_status(stream, STATUS_VERSION, &e.to_string()).await?;
+        }
+        return Err(e);
+    }
+    let hello = Hello {
+        disk_id: hello_bytes[12..28].try_into().expect("16 bytes"),
+        disk_size: u64::from_be_bytes(hello_bytes[28..36].try_into().expect("8 bytes")),
+    };
+    let source_nonce: [u8; 32] = hello_bytes[36..68].try_into().expect("32 bytes");
+    let state = match admit(&hello) {
+        Ok(state) => state,
+        Err(refusal) => {
+            let (status, message) = match &refusal {
+                Refusal::OtherDisk(m) => (STATUS_OTHER_DISK, m),
+                Refusal::Busy(m) => (STATUS_BUSY, m),
+            };
+            write_status(stream, status, message).await?;
+            return Err(SessionError::Refused(message.clone()));
+        }
+    };
+    write_status(stream, STATUS_OK, "").await?;
+    let target_nonce = SessionSalt::random_half();
+    let salt = SessionSalt {
+        source_nonce,
+        target_nonce,
+    };
+    let transcript = transcript(&hello_bytes, &target_nonce);
+    stream.write_all(&target_nonce).await?;
+    stream
+        .write_all(&handshake_proof(
+            key,
+            &salt,
+            Direction::TargetToSource,
+            &transcript,
+        ))
+        .await?;
+    let mut source_proof = [0u8; 32];
+    stream.read_exact(&mut source_proof).await?;
+    if !verify_proof(
+        key,
+        &salt,
+        Direction::SourceToTarget,
+        &transcript,
+        &source_proof,
+    ) {
+        write_status(
+            stream,
+            STATUS_WRONG_KEY,
+            "the source failed to prove it holds our key",
+        )
+        .await?;
+        return Err(SessionError::SourceWrongKey);
+    }
+    write_status(stream, STATUS_OK, "").await?;
+    let mut session = Session {
+        sealer: Sealer::new(key, &salt, Direction::TargetToSource),
+        opener: Opener::new(key, &salt, Direction::SourceToTarget),
+        salt,
+    };
+    let meta = FrameMeta {
+        kind: FrameKind::Ack,
+        disk_id: hello.disk_id,
+        first_seq: 0,
+        last_seq: 0,
+        point_time_ns: 0,
+    };
+    session
+        .send(stream, &meta, &encode_ack(state.next_seq))
+        .await?;
+    Ok((session, hello))
+}
+
+/// An acknowledgment's plaintext: the next sequence number the target expects.
+pub fn encode_ack(next_seq: u64) -> [u8; 8] {
+    next_seq.to_be_bytes()
+}
+
+pub fn decode_ack(body: &[u8]) -> Result<u64, SessionError> {
+    let b: [u8; 8] = body
+        .try_into()
+        .map_err(|_| SessionError::MalformedAck(body.len()))?;
+    Ok(u64::from_be_bytes(b))
+}
+
+/// Reads one raw frame (header and body) off a stream.
+pub async fn read_frame<R: AsyncRead + Unpin>(stream: &mut R) -> Result<Vec<u8>, SessionError> {
+    let mut header = [0u8; FRAME_HEADER_LEN];
+    stream.read_exact(&mut header).await?;
+    let len = frame_len(&header)?;
+    if len > MAX_FRAME {
+        return Err(SessionError::FrameTooBig(len));
+    }
+    let mut frame = vec![0u8; len];
+    frame[..FRAME_HEADER_LEN].copy_from_slice(&header);
+    stream.read_exact(&mut frame[FRAME_HEADER_LEN..]).await?;
+    Ok(frame)
+}
+
+impl Session {
+    /// Seals and sends one frame.
+    pub async fn send<W: AsyncWrite + Unpin>(
+        &mut self,
+        stream: &mut W,
+        meta: &FrameMeta,
+        plaintext: &[u8],
+    ) -> Result<(), SessionError> {
+        let frame = self.sealer.seal(meta, plaintext);
+        stream.write_all(&frame).await?;
+        Ok(())
+    }
+
+    /// Receives and opens one frame.
+    pub async fn receive<R: AsyncRead + Unpin>(
+        &mut self,
+        stream: &mut R,
+    ) -> Result<(FrameMeta, Vec<u8>), SessionError> {
+        let frame = read_frame(stream).await?;
+        Ok(self.opener.open(&frame)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(dir: &std::path::Path, name: &str) -> Key {
+        Key::generate(dir.join(name)).unwrap()
+    }
+
+    const HELLO: Hello = Hello {
+        disk_id: *b"disk-0123456789a",
+        disk_size: 1 << 30,
+    };
+
+    async fn handshake(
+        source_key: &Key,
+        target_key: &Key,
+        admit: impl FnOnce(&Hello) -> Result<TargetState, Refusal>,
+    ) -> (
+        Result<(Session, TargetState), SessionError>,
+        Result<(Session, Hello), SessionError>,
+    ) {
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        // Each side owns its end, so a side that gives up closes it.
+        let source = async move { connect(&mut a, source_key, HELLO).await };
+        let target = async move { accept(&mut b, target_key, admit).await };
+        tokio::join!(source, target)
+    }
+
+    #[tokio::test]
+    async fn both_sides_agree_and_frames_flow() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = key(dir.path(), "k");
+        let (source, target) = handshake(&k, &k, |hello| {
+            assert_eq!(*hello, HELLO);
+            Ok(TargetState { next_seq: 42 })
+        })
+        .await;
+        let (mut source, state) = source.unwrap();
+        let (mut target, hello) = target.unwrap();
+        assert_eq!(state, TargetState { next_seq: 42 });
+        assert_eq!(hello, HELLO);
+        assert_eq!(source.salt.to_bytes(), target.salt.to_bytes());
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        let meta = FrameMeta {
+            kind: FrameKind::Batch,
+            disk_id: HELLO.disk_id,
+            first_seq: 42,
+            last_seq: 50,
+            point_time_ns: 7,
+        };
+        source.send(&mut a, &meta, b"payload").await.unwrap();
+        let (got, body) = target.receive(&mut b).await.unwrap();
+        assert_eq!((got, body.as_slice()), (meta, &b"payload"[..]));
+    }
+
+    #[tokio::test]
+    async fn a_wrong_key_is_caught_by_each_side() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ours, theirs) = (key(dir.path(), "a"), key(dir.path(), "b"));
+        let (source, target) = handshake(&ours, &theirs, |_| Ok(TargetState { next_seq: 0 })).await;
+        assert!(
+            matches!(source, Err(SessionError::TargetWrongKey)),
+            "{source:?}"
+        );
+        // The source hangs up without a proof; the target never accepts.
+        assert!(target.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_refusal_reaches_the_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = key(dir.path(), "k");
+        let (source, target) = handshake(&k, &k, |_| {
+            Err(Refusal::OtherDisk("holds another disk".into()))
+        })
+        .await;
+        assert!(
+            matches!(source, Err(SessionError::Refused(ref m)) if m.contains("another disk")),
+            "{source:?}"
+        );
+        assert!(target.is_err());
+    }
+
+    #[tokio::test]
+    async fn garbage_is_not_taken_for_a_hello() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = key(dir.path(), "k");
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        a.write_all(&[0x55; HELLO_LEN]).await.unwrap();
+        let target = accept(&mut b, &k, |_| Ok(TargetState { next_seq: 0 })).await;
+        assert!(
+            matches!(target, Err(SessionError::BadMagic(_))),
+            "{target:?}"
+        );
+    }
+}
