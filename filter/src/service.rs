@@ -8,9 +8,9 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::backing::{Backing, BackingError, BackingOptions};
-use crate::capture::capture_ring;
 use crate::capture::log::{LogError, LogWriter};
 use crate::capture::sink::{CaptureSink, SinkStats};
+use crate::capture::{capture_ring, CaptureReceiver};
 use crate::nbd::{Export, ExportConfig};
 use crate::protected::ProtectedDisk;
 use crate::server::{self, ListenAddr, Listener};
@@ -49,9 +49,63 @@ pub struct FilterSummary {
     pub capture: SinkStats,
 }
 
-/// Runs the filter until `shutdown` is cancelled (or the capture sink fails,
-/// which cancels it). `ready` is called with the listening addresses once
-/// clients can connect.
+/// A filter whose disk is open and whose sockets are bound, not yet serving.
+#[derive(Debug)]
+pub struct StartedFilter {
+    pub export: Arc<Export<ProtectedDisk>>,
+    pub listeners: Vec<Listener>,
+}
+
+impl StartedFilter {
+    /// The listening addresses as clients would name them.
+    pub fn addresses(&self) -> Vec<String> {
+        self.listeners.iter().map(Listener::describe).collect()
+    }
+
+    /// Serves until `shutdown` is cancelled and every connection is done.
+    /// The capture stream closes once the last holder of the export (this
+    /// and every connection) is gone.
+    pub async fn serve(self, shutdown: CancellationToken) {
+        server::serve(self.listeners, self.export, shutdown).await;
+    }
+}
+
+/// Opens the backing disk, creates the capture ring (numbered from
+/// `first_seq`) and binds the listeners. The caller consumes the ring.
+pub async fn start(
+    config: &FilterConfig,
+    backing: Backing,
+    first_seq: u64,
+) -> Result<(StartedFilter, CaptureReceiver), FilterError> {
+    tracing::info!(
+        disk = %config.disk.display(),
+        size = backing.size(),
+        engine = backing.engine_name(),
+        direct = config.backing.direct,
+        first_seq,
+        "backing disk open"
+    );
+    let (sender, receiver) = capture_ring(config.ring_budget, first_seq);
+    let mut listeners = Vec::new();
+    for addr in &config.listen {
+        let listener = Listener::bind(addr)
+            .await
+            .map_err(|source| FilterError::Listen {
+                addr: addr.clone(),
+                source,
+            })?;
+        listeners.push(listener);
+    }
+    let export = Arc::new(Export {
+        config: config.export.clone(),
+        device: ProtectedDisk::new(backing, sender),
+    });
+    Ok((StartedFilter { export, listeners }, receiver))
+}
+
+/// Runs the filter on its own (`cdp filter`) until `shutdown` is cancelled
+/// (or the capture sink fails, which cancels it). `ready` is called with the
+/// listening addresses once clients can connect.
 pub async fn run(
     config: FilterConfig,
     shutdown: CancellationToken,
@@ -65,15 +119,7 @@ pub async fn run(
         }
         None => (CaptureSink::Discard, 0),
     };
-    tracing::info!(
-        disk = %config.disk.display(),
-        size = backing.size(),
-        engine = backing.engine_name(),
-        direct = config.backing.direct,
-        first_seq,
-        "backing disk open"
-    );
-    let (sender, receiver) = capture_ring(config.ring_budget, first_seq);
+    let (filter, receiver) = start(&config, backing, first_seq).await?;
     let sink_shutdown = shutdown.clone();
     let sink = tokio::task::spawn_blocking(move || {
         let result = sink.drain(receiver);
@@ -83,24 +129,8 @@ pub async fn run(
         }
         result
     });
-
-    let mut listeners = Vec::new();
-    for addr in &config.listen {
-        let listener = Listener::bind(addr)
-            .await
-            .map_err(|source| FilterError::Listen {
-                addr: addr.clone(),
-                source,
-            })?;
-        listeners.push(listener);
-    }
-    let export = Arc::new(Export {
-        config: config.export,
-        device: ProtectedDisk::new(backing, sender),
-    });
-    let described: Vec<String> = listeners.iter().map(Listener::describe).collect();
-    ready(&described);
-    server::serve(listeners, export, shutdown).await;
+    ready(&filter.addresses());
+    filter.serve(shutdown).await;
     // The last connection task drops the export and with it the capture
     // sender; the sink then drains what is left and closes the log.
     let capture = sink.await.map_err(|_| FilterError::SinkPanicked)??;

@@ -9,4 +9,6 @@ pub mod codec;
 pub mod cutter;
 pub mod frame;
 pub mod key;
+pub mod protect;
 pub mod session;
+pub mod shipper;

@@ -1,11 +1,13 @@
 //! The target writer: what the target does with the batches the pipeline
-//! ships. For now, the journal: [`journal`] appends each received batch
-//! durably as a restore point in segment files (layout in
-//! [`format`](mod@format)) and recovers them after a crash. Delta images
-//! (long-term points under retention) and rebuilding disks from any point
-//! come later; see `docs/ARCHITECTURE.md`.
+//! ships. [`server`] accepts a source and appends each verified batch durably
+//! to the [`journal`] (segment layout in [`format`](mod@format)), which
+//! recovers after a crash; [`restore`] rebuilds the disk at any restore
+//! point. Delta images (long-term points under retention) come later; see
+//! `docs/ARCHITECTURE.md` and `docs/REPLICATION.md`.
 pub mod format;
 pub mod journal;
+pub mod restore;
+pub mod server;
 
 pub use journal::{
     BatchMeta, Journal, JournalError, JournalOptions, RecoveryMode, RecoveryReport, RestorePoint,

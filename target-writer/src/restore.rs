@@ -63,7 +63,12 @@ pub enum RestoreError {
 /// The entries a user may restore to: every batch cut after a full sync
 /// completed.
 pub fn restore_points(journal: &Journal) -> Vec<RestorePoint> {
-    journal.points().iter().filter(|p| !p.in_sync).copied().collect()
+    journal
+        .points()
+        .iter()
+        .filter(|p| !p.in_sync)
+        .copied()
+        .collect()
 }
 
 /// Finds the point a selector names.
@@ -71,12 +76,20 @@ pub fn select(journal: &Journal, selector: PointSelector) -> Result<RestorePoint
     let points = restore_points(journal);
     let first = *points.first().ok_or(RestoreError::NoPoints)?;
     match selector {
-        PointSelector::Id(id) => points.iter().find(|p| p.id == id).copied().ok_or(RestoreError::UnknownPoint(id)),
-        PointSelector::AtOrBefore(time_ns) => {
-            points.iter().rev().find(|p| p.point_time_ns <= time_ns).copied().ok_or_else(|| {
-                RestoreError::TooEarly { requested: format_time(time_ns), first: format_time(first.point_time_ns) }
-            })
-        }
+        PointSelector::Id(id) => points
+            .iter()
+            .find(|p| p.id == id)
+            .copied()
+            .ok_or(RestoreError::UnknownPoint(id)),
+        PointSelector::AtOrBefore(time_ns) => points
+            .iter()
+            .rev()
+            .find(|p| p.point_time_ns <= time_ns)
+            .copied()
+            .ok_or_else(|| RestoreError::TooEarly {
+                requested: format_time(time_ns),
+                first: format_time(first.point_time_ns),
+            }),
     }
 }
 
@@ -93,9 +106,17 @@ pub fn restore(
         let path = out.to_path_buf();
         move |source| RestoreError::Output { path, op, source }
     };
-    let image = OpenOptions::new().write(true).create_new(true).open(out).map_err(output("create"))?;
+    let image = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(out)
+        .map_err(output("create"))?;
     image.set_len(journal.disk_size()).map_err(output("size"))?;
-    let entries: Vec<&RestorePoint> = journal.points().iter().take_while(|p| p.id <= point.id).collect();
+    let entries: Vec<&RestorePoint> = journal
+        .points()
+        .iter()
+        .take_while(|p| p.id <= point.id)
+        .collect();
     let total = entries.len() as u64;
     for (done, entry) in entries.into_iter().enumerate() {
         let batch = read_batch(journal, key, entry)?;
@@ -107,15 +128,27 @@ pub fn restore(
 }
 
 /// Reads, verifies, decrypts and decodes one journal entry.
-pub fn read_batch(journal: &Journal, key: &Key, entry: &RestorePoint) -> Result<Batch, RestoreError> {
+pub fn read_batch(
+    journal: &Journal,
+    key: &Key,
+    entry: &RestorePoint,
+) -> Result<Batch, RestoreError> {
     let body = journal.read_body(entry)?;
     if body.len() < SALT_LEN {
         return Err(RestoreError::ShortBody { id: entry.id });
     }
     let salt = SessionSalt::from_bytes(body[..SALT_LEN].try_into().expect("SALT_LEN bytes"));
     let (_, payload) = open_at_rest(key, &salt, Direction::SourceToTarget, &body[SALT_LEN..])
-        .map_err(|source| RestoreError::Frame { id: entry.id, source })?;
-    Batch::decode(&payload, entry.first_seq, entry.last_seq).map_err(|source| RestoreError::Payload { id: entry.id, source })
+        .map_err(|source| RestoreError::Frame {
+            id: entry.id,
+            source,
+        })?;
+    Batch::decode(&payload, entry.first_seq, entry.last_seq).map_err(|source| {
+        RestoreError::Payload {
+            id: entry.id,
+            source,
+        }
+    })
 }
 
 /// RFC 3339 in UTC with milliseconds, e.g. `2026-11-23T04:13:00.123Z`.
@@ -128,7 +161,7 @@ pub fn format_time(ns: u64) -> String {
 /// epoch (`1763871180` or `1763871180.5`) into ns since the epoch.
 pub fn parse_time(text: &str) -> Option<u64> {
     if let Ok(secs) = text.parse::<f64>() {
-        return (secs >= 0.0).then(|| (secs * 1e9) as u64);
+        return (secs >= 0.0).then_some((secs * 1e9) as u64);
     }
     let time = humantime::parse_rfc3339_weak(text).ok()?;
     let since = time.duration_since(std::time::UNIX_EPOCH).ok()?;
@@ -144,7 +177,10 @@ mod tests {
         let ns = 1_763_871_180_123_000_000;
         assert_eq!(format_time(ns), "2025-11-23T04:13:00.123Z");
         assert_eq!(parse_time("2025-11-23T04:13:00.123Z"), Some(ns));
-        assert_eq!(parse_time("1763871180.123").map(|t| t / 1_000_000), Some(ns / 1_000_000));
+        assert_eq!(
+            parse_time("1763871180.123").map(|t| t / 1_000_000),
+            Some(ns / 1_000_000)
+        );
         assert_eq!(parse_time("1970-01-01T00:00:00Z"), Some(0));
         assert_eq!(parse_time("2026-13-01T00:00:00Z"), None);
         assert_eq!(parse_time("yesterday"), None);

@@ -1,0 +1,282 @@
+//! The target's listener (`cdp target`): one journal per directory, one
+//! source at a time. For every batch frame it verifies the frame
+//! (authenticity, replay, disk, sequence), appends it to the journal —
+//! which fdatasyncs — and only then acknowledges it. A batch the journal
+//! already holds (a resend after a reconnect) is acknowledged without being
+//! written twice.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use pipeline::batch::Batch;
+use pipeline::codec::{FrameKind, FrameMeta};
+use pipeline::key::Key;
+use pipeline::session::{self, encode_ack, Hello, Refusal, Session, SessionError, TargetState};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::journal::{BatchMeta, Journal, JournalError, JournalOptions};
+use crate::restore::SALT_LEN;
+
+/// How long a connecting source may take to finish the handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Everything `cdp target` is told.
+#[derive(Debug)]
+pub struct TargetConfig {
+    pub listen: SocketAddr,
+    pub dir: PathBuf,
+    pub key: Key,
+    pub journal: JournalOptions,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+}
+
+/// Why one source connection ended.
+#[derive(Debug, thiserror::Error)]
+enum ConnectionError {
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("handshake took longer than {HANDSHAKE_TIMEOUT:?}")]
+    HandshakeTimeout,
+    #[error("frame for disk {got:02x?}, but this session is for disk {expected:02x?}")]
+    OtherDisk { expected: [u8; 16], got: [u8; 16] },
+    #[error("sequence gap: expected a batch starting at {expected}, got {first}..={last}")]
+    Gap {
+        expected: u64,
+        first: u64,
+        last: u64,
+    },
+    #[error("a batch {first}..={last} overlaps what the journal holds (through {held})")]
+    Overlap { first: u64, last: u64, held: u64 },
+    #[error("batch {first}..={last}: {source}")]
+    Payload {
+        first: u64,
+        last: u64,
+        #[source]
+        source: pipeline::batch::BatchError,
+    },
+}
+
+/// The journal, opened when the target starts (if the directory holds one)
+/// or when the first source connects.
+type SharedJournal = Arc<Mutex<Option<Journal>>>;
+
+/// Serves sources until `shutdown` is cancelled. `ready` gets the bound address.
+pub async fn run(
+    config: TargetConfig,
+    shutdown: CancellationToken,
+    ready: impl FnOnce(SocketAddr),
+) -> Result<(), TargetError> {
+    let listener =
+        TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| TargetError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| TargetError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let journal: SharedJournal = Arc::new(Mutex::new(open_existing(&config)?));
+    let config = Arc::new(config);
+    let one_source = Arc::new(tokio::sync::Mutex::new(()));
+    ready(addr);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let (config, journal, one_source, shutdown) = (
+            config.clone(),
+            journal.clone(),
+            one_source.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            match serve_source(stream, &config, &journal, &one_source, &shutdown).await {
+                Ok(()) => tracing::info!(%peer, "source disconnected"),
+                Err(e) => tracing::warn!(%peer, "source connection ended: {e}"),
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Opens the journal in `config.dir` if there is one.
+fn open_existing(config: &TargetConfig) -> Result<Option<Journal>, TargetError> {
+    if !config.dir.join(crate::journal::JOURNAL_DIR).exists() {
+        return Ok(None);
+    }
+    let (identity, _) = Journal::open_read_only(&config.dir)?;
+    let (journal, report) = Journal::open(
+        &config.dir,
+        identity.disk_id(),
+        identity.disk_size(),
+        config.journal,
+    )?;
+    drop(identity);
+    tracing::info!(points = journal.points().len(), last_seq = ?journal.last_seq(), ?report, "journal open");
+    Ok(Some(journal))
+}
+
+async fn serve_source(
+    mut stream: TcpStream,
+    config: &TargetConfig,
+    journal: &SharedJournal,
+    one_source: &tokio::sync::Mutex<()>,
+    shutdown: &CancellationToken,
+) -> Result<(), ConnectionError> {
+    stream.set_nodelay(true).map_err(SessionError::from)?;
+    let turn = one_source.try_lock();
+    let handshake = session::accept(&mut stream, &config.key, |hello| {
+        if turn.is_err() {
+            return Err(Refusal::Busy(
+                "another source is connected to this target".into(),
+            ));
+        }
+        admit(config, journal, hello)
+    });
+    let (mut session, hello) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+        .await
+        .map_err(|_| ConnectionError::HandshakeTimeout)??;
+    tracing::info!(disk_size = hello.disk_size, "source connected");
+    loop {
+        let frame = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            frame = session::read_frame(&mut stream) => match frame {
+                Ok(frame) => frame,
+                Err(SessionError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) => return Err(e.into()),
+            },
+        };
+        let (meta, payload) = session.opener.open(&frame).map_err(SessionError::from)?;
+        if meta.kind != FrameKind::Batch {
+            return Err(SessionError::UnexpectedFrame(meta.kind).into());
+        }
+        if meta.disk_id != hello.disk_id {
+            return Err(ConnectionError::OtherDisk {
+                expected: hello.disk_id,
+                got: meta.disk_id,
+            });
+        }
+        let batch = Batch::decode(&payload, meta.first_seq, meta.last_seq).map_err(|source| {
+            ConnectionError::Payload {
+                first: meta.first_seq,
+                last: meta.last_seq,
+                source,
+            }
+        })?;
+        let mut body = Vec::with_capacity(SALT_LEN + frame.len());
+        body.extend_from_slice(&session.salt.to_bytes());
+        body.extend_from_slice(&frame);
+        let next_seq = tokio::task::block_in_place(|| append(journal, &meta, &batch, &body))?;
+        send_ack(&mut session, &mut stream, &hello, next_seq).await?;
+    }
+}
+
+/// Opens (or creates) the journal for the source's disk and says where it stands.
+fn admit(
+    config: &TargetConfig,
+    journal: &SharedJournal,
+    hello: &Hello,
+) -> Result<TargetState, Refusal> {
+    let mut journal = journal.lock().unwrap_or_else(PoisonError::into_inner);
+    if journal.is_none() {
+        let (opened, _) =
+            Journal::open(&config.dir, hello.disk_id, hello.disk_size, config.journal)
+                .map_err(|e| Refusal::OtherDisk(e.to_string()))?;
+        *journal = Some(opened);
+    }
+    let journal = journal.as_ref().expect("opened above");
+    if journal.disk_id() != hello.disk_id || journal.disk_size() != hello.disk_size {
+        return Err(Refusal::OtherDisk(format!(
+            "{} holds the journal of another disk ({} bytes)",
+            config.dir.display(),
+            journal.disk_size()
+        )));
+    }
+    Ok(TargetState {
+        next_seq: journal.last_seq().map_or(0, |last| last + 1),
+    })
+}
+
+/// Appends one verified batch unless the journal already holds it; returns
+/// the next sequence number the target expects.
+fn append(
+    journal: &SharedJournal,
+    meta: &FrameMeta,
+    batch: &Batch,
+    body: &[u8],
+) -> Result<u64, ConnectionError> {
+    let mut guard = journal.lock().unwrap_or_else(PoisonError::into_inner);
+    let journal = guard.as_mut().expect("an admitted source has a journal");
+    let next = journal.last_seq().map_or(0, |last| last + 1);
+    let (first, last) = (meta.first_seq, meta.last_seq);
+    if last < next {
+        return Ok(next);
+    }
+    if first < next {
+        return Err(ConnectionError::Overlap {
+            first,
+            last,
+            held: next - 1,
+        });
+    }
+    if first > next && journal.last_seq().is_some() {
+        return Err(ConnectionError::Gap {
+            expected: next,
+            first,
+            last,
+        });
+    }
+    let batch_meta = BatchMeta {
+        first_seq: first,
+        last_seq: last,
+        point_time_ns: meta.point_time_ns,
+        ends_on_barrier: batch.ends_on_barrier,
+        in_sync: batch.in_sync,
+    };
+    journal.append(batch_meta, body)?;
+    Ok(last + 1)
+}
+
+async fn send_ack(
+    session: &mut Session,
+    stream: &mut TcpStream,
+    hello: &Hello,
+    next_seq: u64,
+) -> Result<(), SessionError> {
+    let meta = FrameMeta {
+        kind: FrameKind::Ack,
+        disk_id: hello.disk_id,
+        first_seq: 0,
+        last_seq: 0,
+        point_time_ns: 0,
+    };
+    session.send(stream, &meta, &encode_ack(next_seq)).await
+}
