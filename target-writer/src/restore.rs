@@ -160,12 +160,24 @@ pub fn format_time(ns: u64) -> String {
 /// Parses RFC 3339 in UTC (`2026-11-23T04:13:00.123Z`) or seconds since the
 /// epoch (`1763871180` or `1763871180.5`) into ns since the epoch.
 pub fn parse_time(text: &str) -> Option<u64> {
-    if let Ok(secs) = text.parse::<f64>() {
-        return (secs >= 0.0).then_some((secs * 1e9) as u64);
+    if let Some(ns) = parse_epoch_seconds(text) {
+        return Some(ns);
     }
     let time = humantime::parse_rfc3339_weak(text).ok()?;
     let since = time.duration_since(std::time::UNIX_EPOCH).ok()?;
     u64::try_from(since.as_nanos()).ok()
+}
+
+/// `1763871180` or `1763871180.123` (up to 9 fraction digits) as ns,
+/// exactly (no floating point).
+fn parse_epoch_seconds(text: &str) -> Option<u64> {
+    let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(whole) || (!fraction.is_empty() && !digits(fraction)) || fraction.len() > 9 {
+        return None;
+    }
+    let nanos = if fraction.is_empty() { 0 } else { format!("{fraction:0<9}").parse::<u64>().ok()? };
+    whole.parse::<u64>().ok()?.checked_mul(1_000_000_000)?.checked_add(nanos)
 }
 
 #[cfg(test)]
