@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The main job on its embedded default: a 1 GiB file-backed disk served by
-# `cdp filter` on 127.0.0.1 with a capture log, written to by a real NBD
-# client (qemu-io), then the captured stream replayed onto a blank image and
-# compared with the disk byte for byte.
+# The main job on its embedded default: a 1 GiB file-backed disk (holding
+# some data already) protected by `cdp protect`, replicating to `cdp target`
+# on the same machine (127.0.0.1) with a fresh key. A real NBD client
+# (qemu-io) writes to it; then the restore points are listed and the newest
+# one is restored and compared with the disk byte for byte.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,28 +13,41 @@ cdp=target/release/cdp
 work=target/demo
 rm -rf "$work" && mkdir -p "$work"
 truncate -s 1G "$work/disk.img"
+head -c 64M /dev/urandom | dd of="$work/disk.img" conv=notrunc status=none   # data for the full sync
+"$cdp" keygen "$work/key"
 
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-"$cdp" filter --disk "$work/disk.img" --listen "127.0.0.1:$port" --capture-log "$work/capture.log" \
-  >"$work/filter.out" 2>"$work/filter.log" &
-pid=$!
-trap 'kill $pid 2>/dev/null || true' EXIT
-for _ in $(seq 100); do grep -q listening "$work/filter.out" 2>/dev/null && break; sleep 0.1; done
-uri="nbd://127.0.0.1:$port/"
-echo "== serving $work/disk.img at $uri"
-nbdinfo "$uri" | grep -E 'export-size|can_(flush|fua|trim|zero|multi_conn)'
+pids=()
+cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; }
+trap cleanup EXIT
+wait_listening() { for _ in $(seq 200); do grep -q listening "$1" 2>/dev/null && return; sleep 0.05; done; echo "no listening line in $1" >&2; exit 1; }
+
+"$cdp" target --listen 127.0.0.1:0 --dir "$work/target" --key "$work/key" >"$work/target.out" 2>"$work/target.log" &
+pids+=($!)
+wait_listening "$work/target.out"
+target=$(sed -n 's/^listening on //p' "$work/target.out")
+
+"$cdp" protect --disk "$work/disk.img" --listen 127.0.0.1:0 --target "$target" --key "$work/key" --rpo 1s \
+  >"$work/protect.out" 2>"$work/protect.log" &
+protect=$!
+pids+=($protect)
+wait_listening "$work/protect.out"
+uri="nbd://$(sed -n 's/^listening on //p' "$work/protect.out")/"
+echo "== protecting $work/disk.img, served at $uri, replicating to $target"
 
 echo "== a real client writes: patterns, FUA, zeroes, discard, flush"
 qemu-io -f raw "$uri" \
   -c 'write -P 0x5a 0 4M' -c 'write -f -P 0xa5 8M 64k' -c 'write -z 16M 1M' \
-  -c 'discard 1M 1M' -c 'flush' -c 'read -P 0x5a 0 1M' | grep -E '^(wrote|discard|read)'
-echo "== allocation map"
-nbdinfo --map "$uri"
+  -c 'discard 1M 1M' -c 'flush' | grep -E '^(wrote|discard)'
+sleep 2
+qemu-io -f raw "$uri" -c 'write -P 0x77 100M 8M' -c 'flush' | grep -E '^wrote'
+sleep 2
 
-kill -TERM $pid && wait $pid
-trap - EXIT
-echo "== filter stopped: $(grep -o 'records=[0-9]* data_bytes=[0-9]*' "$work/filter.log")"
+kill -TERM "$protect" && wait "$protect"
+echo "== protect stopped: $(grep -o 'batches=[0-9]* bytes=[0-9]*' "$work/protect.log")"
 
-echo "== replaying the capture log onto a blank image"
-"$cdp" replay --capture-log "$work/capture.log" --onto "$work/replayed.img"
-cmp "$work/disk.img" "$work/replayed.img" && echo "replayed image equals the disk byte for byte"
+echo "== restore points"
+"$cdp" points --dir "$work/target"
+last=$("$cdp" points --dir "$work/target" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1]["id"])')
+echo "== restoring point $last"
+"$cdp" restore --dir "$work/target" --at "$last" --key "$work/key" --out "$work/restored.img"
+cmp "$work/disk.img" "$work/restored.img" && echo "restored image equals the protected disk byte for byte"
