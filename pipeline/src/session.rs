@@ -287,15 +287,8 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         opener: Opener::new(key, &salt, Direction::SourceToTarget),
         salt,
     };
-    let meta = FrameMeta {
-        kind: FrameKind::Ack,
-        disk_id: hello.disk_id,
-        first_seq: 0,
-        last_seq: 0,
-        point_time_ns: 0,
-    };
     session
-        .send(stream, &meta, &encode_ack(state.next_seq))
+        .send_ack(stream, hello.disk_id, state.next_seq)
         .await?;
     Ok((session, hello))
 }
@@ -327,6 +320,24 @@ pub async fn read_frame<R: AsyncRead + Unpin>(stream: &mut R) -> Result<Vec<u8>,
 }
 
 impl Session {
+    /// Tells the source which sequence number the target expects next (which
+    /// acknowledges everything before it as durable).
+    pub async fn send_ack<W: AsyncWrite + Unpin>(
+        &mut self,
+        stream: &mut W,
+        disk_id: [u8; 16],
+        next_seq: u64,
+    ) -> Result<(), SessionError> {
+        let meta = FrameMeta {
+            kind: FrameKind::Ack,
+            disk_id,
+            first_seq: 0,
+            last_seq: 0,
+            point_time_ns: 0,
+        };
+        self.send(stream, &meta, &encode_ack(next_seq)).await
+    }
+
     /// Seals and sends one frame.
     pub async fn send<W: AsyncWrite + Unpin>(
         &mut self,

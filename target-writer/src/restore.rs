@@ -176,8 +176,16 @@ fn parse_epoch_seconds(text: &str) -> Option<u64> {
     if !digits(whole) || (!fraction.is_empty() && !digits(fraction)) || fraction.len() > 9 {
         return None;
     }
-    let nanos = if fraction.is_empty() { 0 } else { format!("{fraction:0<9}").parse::<u64>().ok()? };
-    whole.parse::<u64>().ok()?.checked_mul(1_000_000_000)?.checked_add(nanos)
+    let nanos = if fraction.is_empty() {
+        0
+    } else {
+        format!("{fraction:0<9}").parse::<u64>().ok()?
+    };
+    whole
+        .parse::<u64>()
+        .ok()?
+        .checked_mul(1_000_000_000)?
+        .checked_add(nanos)
 }
 
 #[cfg(test)]

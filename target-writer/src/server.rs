@@ -13,7 +13,7 @@ use std::time::Duration;
 use pipeline::batch::Batch;
 use pipeline::codec::{FrameKind, FrameMeta};
 use pipeline::key::Key;
-use pipeline::session::{self, encode_ack, Hello, Refusal, Session, SessionError, TargetState};
+use pipeline::session::{self, Hello, Refusal, SessionError, TargetState};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -195,7 +195,9 @@ async fn serve_source(
         body.extend_from_slice(&session.salt.to_bytes());
         body.extend_from_slice(&frame);
         let next_seq = tokio::task::block_in_place(|| append(journal, &meta, &batch, &body))?;
-        send_ack(&mut session, &mut stream, &hello, next_seq).await?;
+        session
+            .send_ack(&mut stream, hello.disk_id, next_seq)
+            .await?;
     }
 }
 
@@ -263,20 +265,4 @@ fn append(
     };
     journal.append(batch_meta, body)?;
     Ok(last + 1)
-}
-
-async fn send_ack(
-    session: &mut Session,
-    stream: &mut TcpStream,
-    hello: &Hello,
-    next_seq: u64,
-) -> Result<(), SessionError> {
-    let meta = FrameMeta {
-        kind: FrameKind::Ack,
-        disk_id: hello.disk_id,
-        first_seq: 0,
-        last_seq: 0,
-        point_time_ns: 0,
-    };
-    session.send(stream, &meta, &encode_ack(next_seq)).await
 }

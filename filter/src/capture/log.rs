@@ -57,6 +57,17 @@ pub enum LogError {
     },
 }
 
+/// Wraps an I/O error with the file and what was being done where.
+fn io_error(path: &Path, op: &'static str, offset: u64) -> impl FnOnce(io::Error) -> LogError {
+    let path = path.to_path_buf();
+    move |source| LogError::Io {
+        path,
+        op,
+        offset,
+        source,
+    }
+}
+
 /// Reads a capture log record by record, verifying each.
 #[derive(Debug)]
 pub struct LogReader {
@@ -70,15 +81,7 @@ pub struct LogReader {
 
 impl LogReader {
     pub fn open(path: &Path) -> Result<Self, LogError> {
-        let io_err = |op, offset| {
-            let path = path.to_path_buf();
-            move |source| LogError::Io {
-                path,
-                op,
-                offset,
-                source,
-            }
-        };
+        let io_err = |op, offset| io_error(path, op, offset);
         let mut file = File::open(path).map_err(io_err("open", 0))?;
         let mut raw = [0u8; FILE_HEADER_LEN];
         file.read_exact(&mut raw)
@@ -185,12 +188,7 @@ impl LogReader {
     }
 
     fn io(&self, op: &'static str, offset: u64, source: io::Error) -> LogError {
-        LogError::Io {
-            path: self.path.clone(),
-            op,
-            offset,
-            source,
-        }
+        io_error(&self.path, op, offset)(source)
     }
 }
 
@@ -222,15 +220,7 @@ impl LogWriter {
     /// off) and must be of a disk of the same size. Returns the writer and
     /// the sequence number the next record must get.
     pub fn open(path: &Path, disk_size: u64) -> Result<(Self, u64), LogError> {
-        let io_err = |op, offset| {
-            let path = path.to_path_buf();
-            move |source| LogError::Io {
-                path,
-                op,
-                offset,
-                source,
-            }
-        };
+        let io_err = |op, offset| io_error(path, op, offset);
         let existing = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
         let (end, next_seq) = if existing == 0 {
             let mut file = File::create(path).map_err(io_err("create", 0))?;
@@ -315,12 +305,7 @@ impl LogWriter {
     }
 
     fn io(&self, op: &'static str, offset: u64, source: io::Error) -> LogError {
-        LogError::Io {
-            path: self.path.clone(),
-            op,
-            offset,
-            source,
-        }
+        io_error(&self.path, op, offset)(source)
     }
 }
 
@@ -341,15 +326,7 @@ pub struct ReplaySummary {
 pub fn replay(log: &Path, image: &Path) -> Result<ReplaySummary, LogError> {
     let mut reader = LogReader::open(log)?;
     let disk_size = reader.header().disk_size;
-    let io_err = |op, offset| {
-        let path = image.to_path_buf();
-        move |source| LogError::Io {
-            path,
-            op,
-            offset,
-            source,
-        }
-    };
+    let io_err = |op, offset| io_error(image, op, offset);
     let out = OpenOptions::new()
         .read(true)
         .write(true)
