@@ -94,13 +94,14 @@ pub fn select(journal: &Journal, selector: PointSelector) -> Result<RestorePoint
 }
 
 /// Rebuilds the disk at `point` into a new sparse file at `out`, calling
-/// `progress(entries_done, entries_total)` as it goes.
+/// `progress(entries_done, entries_total)` as it goes. On failure the
+/// partial image is removed.
 pub fn restore(
     journal: &Journal,
     key: &Key,
     point: &RestorePoint,
     out: &Path,
-    mut progress: impl FnMut(u64, u64),
+    progress: impl FnMut(u64, u64),
 ) -> Result<(), RestoreError> {
     let output = |op| {
         let path = out.to_path_buf();
@@ -111,6 +112,27 @@ pub fn restore(
         .create_new(true)
         .open(out)
         .map_err(output("create"))?;
+    let result = rebuild(journal, key, point, &image, out, progress)
+        .and_then(|()| image.sync_all().map_err(output("fsync")));
+    if result.is_err() {
+        drop(image);
+        let _ = std::fs::remove_file(out);
+    }
+    result
+}
+
+fn rebuild(
+    journal: &Journal,
+    key: &Key,
+    point: &RestorePoint,
+    image: &std::fs::File,
+    out: &Path,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<(), RestoreError> {
+    let output = |op| {
+        let path = out.to_path_buf();
+        move |source| RestoreError::Output { path, op, source }
+    };
     image.set_len(journal.disk_size()).map_err(output("size"))?;
     let entries: Vec<&RestorePoint> = journal
         .points()
@@ -119,11 +141,11 @@ pub fn restore(
         .collect();
     let total = entries.len() as u64;
     for (done, entry) in entries.into_iter().enumerate() {
-        let batch = read_batch(journal, key, entry)?;
-        batch.apply(&image).map_err(output("write"))?;
+        read_batch(journal, key, entry)?
+            .apply(image)
+            .map_err(output("write"))?;
         progress(done as u64 + 1, total);
     }
-    image.sync_all().map_err(output("fsync"))?;
     Ok(())
 }
 
