@@ -29,11 +29,12 @@ pub const VERSION: u16 = 1;
 pub const MAX_FRAME: usize = 512 << 20;
 
 const HELLO_LEN: usize = 8 + 2 + 2 + 16 + 8 + 32;
+/// What a source sends instead of its proof when the target's proof failed.
+const PROOF_REJECTED: [u8; 32] = [0; 32];
 const STATUS_OK: u16 = 0;
 const STATUS_VERSION: u16 = 1;
 const STATUS_OTHER_DISK: u16 = 2;
 const STATUS_WRONG_KEY: u16 = 3;
-const STATUS_BUSY: u16 = 4;
 
 /// What the source announces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,7 +55,6 @@ pub struct TargetState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
     OtherDisk(String),
-    Busy(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +71,10 @@ pub enum SessionError {
     SourceWrongKey,
     #[error("the target refused us: {0}")]
     Refused(String),
+    #[error("the source rejected our key proof: the key files differ")]
+    OurProofRejected,
+    #[error("turned the source away: {0}")]
+    TurnedAway(String),
     #[error("frame of {0} bytes exceeds the {MAX_FRAME} byte limit")]
     FrameTooBig(usize),
     #[error("frame: {0}")]
@@ -237,17 +241,6 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         disk_size: u64::from_be_bytes(hello_bytes[28..36].try_into().expect("8 bytes")),
     };
     let source_nonce: [u8; 32] = hello_bytes[36..68].try_into().expect("32 bytes");
-    let state = match admit(&hello) {
-        Ok(state) => state,
-        Err(refusal) => {
-            let (status, message) = match &refusal {
-                Refusal::OtherDisk(m) => (STATUS_OTHER_DISK, m),
-                Refusal::Busy(m) => (STATUS_BUSY, m),
-            };
-            write_status(stream, status, message).await?;
-            return Err(SessionError::Refused(message.clone()));
-        }
-    };
     write_status(stream, STATUS_OK, "").await?;
     let target_nonce = SessionSalt::random_half();
     let salt = SessionSalt {
@@ -266,6 +259,9 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         .await?;
     let mut source_proof = [0u8; 32];
     stream.read_exact(&mut source_proof).await?;
+    if source_proof == PROOF_REJECTED {
+        return Err(SessionError::OurProofRejected);
+    }
     if !verify_proof(
         key,
         &salt,
@@ -281,6 +277,18 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         .await?;
         return Err(SessionError::SourceWrongKey);
     }
+    // Only an authenticated source may claim the target's directory, or
+    // learn anything about it.
+    let state = match admit(&hello) {
+        Ok(state) => state,
+        Err(refusal) => {
+            let (status, message) = match &refusal {
+                Refusal::OtherDisk(m) => (STATUS_OTHER_DISK, m),
+            };
+            write_status(stream, status, message).await?;
+            return Err(SessionError::TurnedAway(message.clone()));
+        }
+    };
     write_status(stream, STATUS_OK, "").await?;
     let mut session = Session {
         sealer: Sealer::new(key, &salt, Direction::TargetToSource),
@@ -424,8 +432,11 @@ mod tests {
             matches!(source, Err(SessionError::TargetWrongKey)),
             "{source:?}"
         );
-        // The source hangs up without a proof; the target never accepts.
-        assert!(target.is_err());
+        // The source says it rejected our proof, so the target's log can too.
+        assert!(
+            matches!(target, Err(SessionError::OurProofRejected)),
+            "{target:?}"
+        );
     }
 
     #[tokio::test]

@@ -1,5 +1,8 @@
 //! The target's listener (`cdp target`): one journal per directory, one
-//! source at a time. For every batch frame it verifies the frame
+//! source session at a time — a newly authenticated session replaces the
+//! previous one, which may be a connection whose peer vanished without a
+//! close (a source reconnecting after a network failure must not be locked
+//! out). For every batch frame it verifies the frame
 //! (authenticity, replay, disk, sequence), appends it to the journal —
 //! which fdatasyncs — and only then acknowledges it. A batch the journal
 //! already holds (a resend after a reconnect) is acknowledged without being
@@ -53,6 +56,8 @@ enum ConnectionError {
     Journal(#[from] JournalError),
     #[error("handshake took longer than {HANDSHAKE_TIMEOUT:?}")]
     HandshakeTimeout,
+    #[error("replaced by a newer session of the source")]
+    Replaced,
     #[error("frame for disk {got:02x?}, but this session is for disk {expected:02x?}")]
     OtherDisk { expected: [u8; 16], got: [u8; 16] },
     #[error("sequence gap: expected a batch starting at {expected}, got {first}..={last}")]
@@ -76,6 +81,26 @@ enum ConnectionError {
 /// or when the first source connects.
 type SharedJournal = Arc<Mutex<Option<Journal>>>;
 
+/// The session allowed to append; a newer one cancels it.
+#[derive(Default)]
+struct CurrentSession(Mutex<Option<CancellationToken>>);
+
+impl CurrentSession {
+    /// Cancels the current session, if any, and returns the token of the new one.
+    fn take_over(&self) -> CancellationToken {
+        let mine = CancellationToken::new();
+        let previous = self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .replace(mine.clone());
+        if let Some(previous) = previous {
+            previous.cancel();
+        }
+        mine
+    }
+}
+
 /// Serves sources until `shutdown` is cancelled. `ready` gets the bound address.
 pub async fn run(
     config: TargetConfig,
@@ -97,7 +122,7 @@ pub async fn run(
         })?;
     let journal: SharedJournal = Arc::new(Mutex::new(open_existing(&config)?));
     let config = Arc::new(config);
-    let one_source = Arc::new(tokio::sync::Mutex::new(()));
+    let current = Arc::new(CurrentSession::default());
     ready(addr);
     loop {
         let (stream, peer) = tokio::select! {
@@ -111,14 +136,14 @@ pub async fn run(
                 }
             },
         };
-        let (config, journal, one_source, shutdown) = (
+        let (config, journal, current, shutdown) = (
             config.clone(),
             journal.clone(),
-            one_source.clone(),
+            current.clone(),
             shutdown.clone(),
         );
         tokio::spawn(async move {
-            match serve_source(stream, &config, &journal, &one_source, &shutdown).await {
+            match serve_source(stream, &config, &journal, &current, &shutdown).await {
                 Ok(()) => tracing::info!(%peer, "source disconnected"),
                 Err(e) => tracing::warn!(%peer, "source connection ended: {e}"),
             }
@@ -148,26 +173,25 @@ async fn serve_source(
     mut stream: TcpStream,
     config: &TargetConfig,
     journal: &SharedJournal,
-    one_source: &tokio::sync::Mutex<()>,
+    current: &CurrentSession,
     shutdown: &CancellationToken,
 ) -> Result<(), ConnectionError> {
     stream.set_nodelay(true).map_err(SessionError::from)?;
-    let turn = one_source.try_lock();
+    let mut replaced = None;
     let handshake = session::accept(&mut stream, &config.key, |hello| {
-        if turn.is_err() {
-            return Err(Refusal::Busy(
-                "another source is connected to this target".into(),
-            ));
-        }
-        admit(config, journal, hello)
+        let state = admit(config, journal, hello)?;
+        replaced = Some(current.take_over());
+        Ok(state)
     });
     let (mut session, hello) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
         .await
         .map_err(|_| ConnectionError::HandshakeTimeout)??;
+    let mine = replaced.expect("admitted sessions took over");
     tracing::info!(disk_size = hello.disk_size, "source connected");
     loop {
         let frame = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
+            () = mine.cancelled() => return Err(ConnectionError::Replaced),
             frame = session::read_frame(&mut stream) => match frame {
                 Ok(frame) => frame,
                 Err(SessionError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
