@@ -185,6 +185,8 @@ pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
         &transcript,
         &target_proof,
     ) {
+        // Tell the target why we hang up, so its log can say so too.
+        let _ = stream.write_all(&PROOF_REJECTED).await;
         return Err(SessionError::TargetWrongKey);
     }
     stream
