@@ -94,7 +94,13 @@ pub async fn run(
         .spawn(move || {
             let mut cutter = Cutter::new(receiver, rpo, MAX_BATCH_BYTES);
             while let Some(batch) = cutter.next_batch() {
-                if batches_tx.blocking_send(batch).is_err() {
+                // The point's time: when it was cut, to the millisecond
+                // (`cdp points` shows milliseconds, and `restore --at` a
+                // shown time must find that very point).
+                if batches_tx
+                    .blocking_send((batch, shipper::now_ms_as_ns()))
+                    .is_err()
+                {
                     break;
                 }
             }

@@ -101,7 +101,7 @@ pub struct ShipStats {
 /// acknowledged (or `drain_timeout` passes after it closed).
 pub async fn run(
     config: ShipperConfig,
-    mut batches: mpsc::Receiver<Batch>,
+    mut batches: mpsc::Receiver<(Batch, u64)>,
     sync: Arc<SyncProgress>,
 ) -> Result<ShipStats, ShipError> {
     let mut state = State {
@@ -151,7 +151,7 @@ pub async fn run(
                     tokio::select! {
                         () = &mut wait => break,
                         batch = batches.recv(), if input_open && state.has_room() => match batch {
-                            Some(batch) => state.enqueue(batch),
+                            Some((batch, cut_ns)) => state.enqueue(batch, cut_ns),
                             None => input_open = false,
                         },
                     }
@@ -189,11 +189,10 @@ impl State {
         self.unacked_bytes < self.config.max_unacked
     }
 
-    fn enqueue(&mut self, mut batch: Batch) {
+    /// `cut_ns`: when the cutter cut the batch (the restore point's time).
+    fn enqueue(&mut self, mut batch: Batch, cut_ns: u64) {
         batch.in_sync = self.sync.in_sync(batch.last_seq);
-        let point_time_ns = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
+        let point_time_ns = cut_ns;
         let payload = batch.encode();
         self.unacked_bytes += payload.len();
         let meta = FrameMeta {
@@ -276,7 +275,7 @@ impl State {
         &mut self,
         stream: TcpStream,
         mut session: Session,
-        batches: &mut mpsc::Receiver<Batch>,
+        batches: &mut mpsc::Receiver<(Batch, u64)>,
         input_open: &mut bool,
     ) -> Result<(), StreamEnd> {
         let lost = |e: &dyn std::fmt::Display| StreamEnd::Lost(e.to_string());
@@ -315,12 +314,20 @@ impl State {
                     sent -= before - self.unacked.len();
                 }
                 batch = batches.recv(), if *input_open && self.has_room() => match batch {
-                    Some(batch) => self.enqueue(batch),
+                    Some((batch, cut_ns)) => self.enqueue(batch, cut_ns),
                     None => *input_open = false,
                 },
             }
         }
     }
+}
+
+/// Now, in ns since the epoch, rounded down to the millisecond.
+pub fn now_ms_as_ns() -> u64 {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    ms * 1_000_000
 }
 
 /// A token bucket over bytes sent, allowing one second of burst.
