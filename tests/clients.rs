@@ -9,7 +9,6 @@ use std::fmt;
 use std::ops::Range;
 use std::path::Path;
 use std::process::{Command, ExitStatus, Output, Stdio};
-use std::sync::OnceLock;
 
 use serde_json::Value;
 
@@ -132,34 +131,6 @@ fn assert_bytes(log: &(impl FilterLog + ?Sized), what: &str, actual: &[u8], expe
 fn assert_backing_holds(log: &(impl FilterLog + ?Sized), backing: &Path, expected: &[u8]) {
     let what = format!("{} does not hold the expected bytes", backing.display());
     assert_bytes(log, &what, &read_all(backing), expected);
-}
-
-/// A Python 3 that can `import nbd` (python3-libnbd). The first `python3` on
-/// PATH may be a pyenv or virtualenv one without the system package, which
-/// also breaks `nbdsh` (a `python3 -m nbd` wrapper); so the scripts run with
-/// whichever interpreter has the module.
-fn libnbd_python() -> &'static str {
-    static FOUND: OnceLock<&'static str> = OnceLock::new();
-    FOUND.get_or_init(|| {
-        ["python3", "/usr/bin/python3"]
-            .into_iter()
-            .find(|python| {
-                Command::new(python)
-                    .args(["-c", "import nbd"])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status()
-                    .is_ok_and(|s| s.success())
-            })
-            .expect("no python3 can import nbd: install python3-libnbd")
-    })
-}
-
-/// `python3 -c SCRIPT`, ready for the script's arguments.
-fn python(script: &str) -> Command {
-    let mut cmd = Command::new(libnbd_python());
-    cmd.arg("-c").arg(script);
-    cmd
 }
 
 // ---------------------------------------------------------------------------

@@ -1,8 +1,9 @@
-//! Shared harness for the integration tests: start and stop `cdp filter` as a
-//! real process, run real clients, make files and loop devices, and clean up
+//! Shared harness for the integration tests: start and stop `cdp filter`,
+//! `cdp target` and `cdp protect` as real processes, run real clients, make files and loop devices, and clean up
 //! everything on drop. Every helper panics with what it saw.
 #![allow(dead_code)] // each test binary uses its own subset of the harness
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -80,15 +81,216 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
-/// A running `cdp filter`; stopped (SIGTERM, then SIGKILL) when dropped.
-pub struct Filter {
+/// A running `cdp` subcommand that serves until told to stop (`filter`,
+/// `target`, `protect`): started with its stderr logged to a file, ready once
+/// it printed its first `listening on ADDR` line, stopped with SIGTERM by
+/// [`Daemon::stop`] / [`Daemon::stop_ok`], and killed (SIGKILL, by its PID)
+/// if dropped while still running.
+pub struct Daemon {
     child: Option<Child>,
+    /// `cdp SUBCOMMAND`, for messages.
+    name: String,
+    /// The address of its first `listening on` line (`127.0.0.1:PORT` or
+    /// `unix:PATH`).
+    pub addr: String,
+    log: PathBuf,
+    _log_dir: TempDir,
+}
+
+impl Daemon {
+    /// Runs `cdp ARGS...` (the first argument is the subcommand) with
+    /// `RUST_LOG=info` and waits up to 30 s for `listening on`.
+    pub fn start<S: AsRef<OsStr>>(args: impl IntoIterator<Item = S>) -> Daemon {
+        let mut cmd = cdp();
+        cmd.args(args);
+        Self::spawn(cmd)
+    }
+
+    /// Runs a prepared `cdp` command as a daemon (see [`Daemon::start`]).
+    pub fn spawn(mut cmd: Command) -> Daemon {
+        let subcommand = cmd
+            .get_args()
+            .next()
+            .map(|a| a.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let name = format!("cdp {subcommand}");
+        let log_dir = scratch();
+        let log = log_dir.path().join(format!("{}.log", subcommand));
+        cmd.env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("create daemon log"));
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Reads stdout to its end, so the daemon never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut daemon = Daemon {
+            child: Some(child),
+            name,
+            addr: String::new(),
+            log,
+            _log_dir: log_dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(addr) = line.strip_prefix("listening on ") {
+                        daemon.addr = addr.to_string();
+                        return daemon;
+                    }
+                }
+                Err(e) => {
+                    // Stdout closed: it is exiting; give it a moment to be reaped.
+                    let child = daemon.child.as_mut().expect("running");
+                    let status = retry(Duration::from_secs(2), || match child.try_wait() {
+                        Ok(Some(status)) => Ok(status),
+                        _ => Err(String::new()),
+                    });
+                    let why = match (e, status) {
+                        (_, Ok(status)) => format!("exited with {status}"),
+                        (std::sync::mpsc::RecvTimeoutError::Timeout, _) => {
+                            "did not report listening within 30 s".to_string()
+                        }
+                        (std::sync::mpsc::RecvTimeoutError::Disconnected, _) => {
+                            "closed its stdout without reporting listening".to_string()
+                        }
+                    };
+                    panic!("{cmd:?} {why}\nlog:\n{}", daemon.log());
+                }
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// `cdp SUBCOMMAND`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The TCP port of its first address (panics for a Unix socket).
+    pub fn port(&self) -> u16 {
+        self.addr
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("{} listens on {:?}, not a TCP port", self.name, self.addr))
+    }
+
+    /// What it has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits up to `patience` for a log line containing `needle`; returns
+    /// that line. Panics with the log if it does not come or the daemon
+    /// exits first.
+    pub fn wait_for_log(&mut self, needle: &str, patience: Duration) -> String {
+        let deadline = Instant::now() + patience;
+        loop {
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            // Read after try_wait, so a line logged just before exiting counts.
+            if let Some(line) = self.log().lines().find(|l| l.contains(needle)) {
+                return line.to_string();
+            }
+            if let Some(status) = exited {
+                panic!(
+                    "{} exited with {status} before logging {needle:?}\nlog:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "{} did not log {needle:?} within {patience:?}\nlog:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends SIGTERM and waits up to 60 s for it to exit; returns the
+    /// status and the full log. Panics (after SIGKILL) if it hangs.
+    pub fn stop(mut self) -> (ExitStatus, String) {
+        let status = self.terminate();
+        (status, self.log())
+    }
+
+    /// Stops it and asserts it exited cleanly; returns its log.
+    pub fn stop_ok(self) -> String {
+        let name = self.name.clone();
+        let (status, log) = self.stop();
+        assert!(status.success(), "{name} exited with {status}\nlog:\n{log}");
+        log
+    }
+
+    /// Kills it with SIGKILL (a crash) and reaps it; returns its log. What
+    /// is left keeps only the log.
+    pub fn kill(&mut self) -> String {
+        let mut child = self.child.take().expect("daemon running");
+        // Child::kill sends SIGKILL to this child's PID.
+        child.kill().expect("SIGKILL the daemon");
+        child.wait().expect("reap the daemon");
+        self.log()
+    }
+
+    fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("daemon running");
+        // SAFETY: kill(2) with a pid we spawned and have not reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for daemon") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "{} did not exit within 60 s of SIGTERM\nlog:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Child::kill sends SIGKILL to this child's PID only.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A running `cdp filter`; killed if dropped while running.
+pub struct Filter {
+    daemon: Daemon,
     /// Where the filter listens, as an NBD URI (`nbd://127.0.0.1:PORT/` or
     /// `nbd+unix:///?socket=PATH`).
     pub uri: String,
     /// TCP port, when listening on TCP.
     pub port: Option<u16>,
-    log: PathBuf,
     _dir: TempDir,
 }
 
@@ -105,112 +307,55 @@ impl Filter {
 
     fn start(disk: &Path, listen: &[&str], args: &[&str]) -> Filter {
         let dir = scratch();
-        let log = dir.path().join("filter.log");
         let socket = dir.path().join("nbd.sock");
         let mut cmd = cdp();
         cmd.arg("filter").arg("--disk").arg(disk).args(listen);
         if listen.is_empty() {
             cmd.arg("--socket").arg(&socket);
         }
-        cmd.args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).expect("create filter log"));
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let mut filter = Filter {
-            child: Some(child),
-            uri: String::new(),
-            port: None,
-            log,
+        cmd.args(args);
+        let daemon = Daemon::spawn(cmd);
+        let (uri, port) = nbd_uri(&daemon.addr);
+        Filter {
+            daemon,
+            uri,
+            port,
             _dir: dir,
-        };
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .unwrap_or_else(|_| {
-                panic!(
-                    "{cmd:?} did not report listening within 20 s\nlog:\n{}",
-                    filter.log()
-                )
-            });
-        let addr = line
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
-        if let Some(path) = addr.strip_prefix("unix:") {
-            filter.uri = format!("nbd+unix:///?socket={path}");
-        } else {
-            let port: u16 = addr
-                .rsplit(':')
-                .next()
-                .and_then(|p| p.parse().ok())
-                .expect("port in listening line");
-            filter.port = Some(port);
-            filter.uri = format!("nbd://127.0.0.1:{port}/");
         }
-        filter
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
+        self.daemon.pid()
     }
 
     /// What the filter has logged so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.daemon.log()
     }
 
-    /// Sends SIGTERM and waits up to 30 s for a clean exit; returns the
-    /// status and the full log. Panics (after SIGKILL) if it hangs.
-    pub fn stop(mut self) -> (ExitStatus, String) {
-        let status = self.terminate();
-        (status, self.log())
+    /// Sends SIGTERM and waits for a clean exit; returns the status and the
+    /// full log. Panics (after SIGKILL) if it hangs.
+    pub fn stop(self) -> (ExitStatus, String) {
+        self.daemon.stop()
     }
 
     /// Stops the filter and asserts it exited cleanly; returns its log.
     pub fn stop_ok(self) -> String {
-        let (status, log) = self.stop();
-        assert!(status.success(), "filter exited with {status}\nlog:\n{log}");
-        log
-    }
-
-    fn terminate(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("filter running");
-        // SAFETY: kill(2) with a pid we spawned and have not reaped.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = child.try_wait().expect("wait for filter") {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "filter did not exit within 30 s of SIGTERM\nlog:\n{}",
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.daemon.stop_ok()
     }
 }
 
-impl Drop for Filter {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+/// The NBD URI (and TCP port, if any) for a `listening on` address.
+pub fn nbd_uri(addr: &str) -> (String, Option<u16>) {
+    if let Some(path) = addr.strip_prefix("unix:") {
+        return (format!("nbd+unix:///?socket={path}"), None);
     }
+    let port: u16 = addr
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in listening address {addr:?}"));
+    (format!("nbd://127.0.0.1:{port}/"), Some(port))
 }
 
 /// A loop device over a file; detached when dropped.
@@ -500,9 +645,17 @@ pub fn first_difference(x: &[u8], y: &[u8]) -> Option<usize> {
 }
 
 /// Asserts two files or devices hold the same bytes, naming the first difference.
-/// Streams both in 1 MiB chunks and compares with memcmp, so it stays fast
-/// (and small) on images of hundreds of MiB even in debug builds.
 pub fn assert_same_bytes(a: &Path, b: &Path) {
+    if let Some(difference) = files_differ(a, b) {
+        panic!("{difference}");
+    }
+}
+
+/// Where two files or devices differ first (or their sizes), as a sentence;
+/// `None` if they hold the same bytes. Streams both in 1 MiB chunks and
+/// compares with memcmp, so it stays fast (and small) on images of hundreds
+/// of MiB even in debug builds.
+pub fn files_differ(a: &Path, b: &Path) -> Option<String> {
     let open = |p: &Path| {
         let mut file =
             std::fs::File::open(p).unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
@@ -514,13 +667,13 @@ pub fn assert_same_bytes(a: &Path, b: &Path) {
         (file, len)
     };
     let ((mut fa, la), (mut fb, lb)) = (open(a), open(b));
-    assert_eq!(
-        la,
-        lb,
-        "{} is {la} bytes, {} is {lb} bytes",
-        a.display(),
-        b.display()
-    );
+    if la != lb {
+        return Some(format!(
+            "{} is {la} bytes, {} is {lb} bytes",
+            a.display(),
+            b.display()
+        ));
+    }
     const CHUNK: usize = 1 << 20;
     let (mut x, mut y) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
     let mut at = 0u64;
@@ -531,15 +684,192 @@ pub fn assert_same_bytes(a: &Path, b: &Path) {
         fb.read_exact(&mut y[..n])
             .unwrap_or_else(|e| panic!("read {} at {at}: {e}", b.display()));
         if let Some(i) = first_difference(&x[..n], &y[..n]) {
-            panic!(
+            return Some(format!(
                 "{} and {} differ first at byte {} ({:#04x} vs {:#04x})",
                 a.display(),
                 b.display(),
                 at + i as u64,
                 x[i],
                 y[i]
-            );
+            ));
         }
         at += n as u64;
     }
+    None
+}
+
+// ---------------------------------------------------------------------------
+// Replication: keys, restore points, restores
+// ---------------------------------------------------------------------------
+
+/// `cdp keygen DIR/key`; returns the key's path.
+pub fn keygen(dir: &Path) -> PathBuf {
+    let key = dir.join("key");
+    run(cdp().arg("keygen").arg(&key));
+    key
+}
+
+/// One row of `cdp points --json`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Point {
+    pub id: u64,
+    /// RFC 3339, milliseconds.
+    pub time: String,
+    pub time_ns: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub bytes: u64,
+    pub ends_on_barrier: bool,
+    pub rpo_ms: f64,
+}
+
+/// `cdp points --dir DIR --json`, parsed; panics with the output if a row
+/// lacks a field.
+pub fn points(dir: &Path) -> Vec<Point> {
+    let text = run_stdout(cdp().arg("points").arg("--dir").arg(dir).arg("--json"));
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("cdp points --json printed no JSON ({e}):\n{text}"));
+    let rows = json
+        .as_array()
+        .unwrap_or_else(|| panic!("cdp points --json printed no array:\n{text}"));
+    rows.iter()
+        .map(|row| {
+            let u = |field: &str| {
+                row[field]
+                    .as_u64()
+                    .unwrap_or_else(|| panic!("no integer {field:?} in {row} of:\n{text}"))
+            };
+            Point {
+                id: u("id"),
+                time: row["time"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("no \"time\" in {row}"))
+                    .to_string(),
+                time_ns: u("time_ns"),
+                first_seq: u("first_seq"),
+                last_seq: u("last_seq"),
+                bytes: u("bytes"),
+                ends_on_barrier: row["ends_on_barrier"]
+                    .as_bool()
+                    .unwrap_or_else(|| panic!("no \"ends_on_barrier\" in {row}")),
+                rpo_ms: row["rpo_ms"]
+                    .as_f64()
+                    .unwrap_or_else(|| panic!("no \"rpo_ms\" in {row}")),
+            }
+        })
+        .collect()
+}
+
+/// `cdp restore --dir DIR --at AT --out OUT --key KEY`: the id of the point
+/// it restored (from its `restored point ID (...)` line), or its stderr if it
+/// failed.
+pub fn try_restore(dir: &Path, at: &str, out: &Path, key: &Path) -> Result<u64, String> {
+    let mut cmd = cdp();
+    cmd.arg("restore")
+        .arg("--dir")
+        .arg(dir)
+        .arg("--at")
+        .arg(at)
+        .arg("--out")
+        .arg(out)
+        .arg("--key")
+        .arg(key)
+        .env("RUST_BACKTRACE", "0");
+    let output = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        return Err(format!(
+            "{cmd:?} exited with {}\n{}{}",
+            output.status,
+            stdout,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
+    let id = stdout
+        .strip_prefix("restored point ")
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("{cmd:?} printed no `restored point ID`:\n{stdout}"));
+    Ok(id)
+}
+
+/// Like [`try_restore`], panicking if the restore fails.
+pub fn restore(dir: &Path, at: &str, out: &Path, key: &Path) -> u64 {
+    try_restore(dir, at, out, key).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A time as `cdp restore --at` takes it: seconds since the epoch with
+/// nanoseconds (`1763871180.123456789`).
+pub fn epoch_seconds(time: std::time::SystemTime) -> String {
+    let since = time
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after the epoch");
+    format!("{}.{:09}", since.as_secs(), since.subsec_nanos())
+}
+
+/// A time in RFC 3339, UTC, with nanoseconds (`2025-11-23T04:13:00.123456789Z`).
+pub fn rfc3339(time: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_nanos(time).to_string()
+}
+
+/// Copies a file, leaving all-zero 4 KiB blocks as holes (so that many
+/// copies of a mostly empty disk stay small).
+pub fn copy_sparse(from: &Path, to: &Path) {
+    use std::os::unix::fs::FileExt;
+    const BLOCK: usize = 4096;
+    const CHUNK: usize = 1 << 20;
+    let src = std::fs::File::open(from).unwrap_or_else(|e| panic!("open {}: {e}", from.display()));
+    let len = src.metadata().expect("stat source").len();
+    let dst = std::fs::File::create(to).unwrap_or_else(|e| panic!("create {}: {e}", to.display()));
+    dst.set_len(len).expect("size the copy");
+    let zeros = [0u8; BLOCK];
+    let mut buf = vec![0u8; CHUNK];
+    let mut at = 0u64;
+    while at < len {
+        let n = (len - at).min(CHUNK as u64) as usize;
+        src.read_exact_at(&mut buf[..n], at)
+            .unwrap_or_else(|e| panic!("read {} at {at}: {e}", from.display()));
+        for (i, block) in buf[..n].chunks(BLOCK).enumerate() {
+            if block != &zeros[..block.len()] {
+                let offset = at + (i * BLOCK) as u64;
+                dst.write_all_at(block, offset)
+                    .unwrap_or_else(|e| panic!("write {} at {offset}: {e}", to.display()));
+            }
+        }
+        at += n as u64;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// libnbd's Python bindings
+// ---------------------------------------------------------------------------
+
+/// A Python 3 that can `import nbd` (python3-libnbd). The first `python3` on
+/// PATH may be a pyenv or virtualenv one without the system package, which
+/// also breaks `nbdsh` (a `python3 -m nbd` wrapper); so the scripts run with
+/// whichever interpreter has the module.
+pub fn libnbd_python() -> &'static str {
+    static FOUND: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+    FOUND.get_or_init(|| {
+        ["python3", "/usr/bin/python3"]
+            .into_iter()
+            .find(|python| {
+                Command::new(python)
+                    .args(["-c", "import nbd"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            })
+            .expect("no python3 can import nbd: install python3-libnbd")
+    })
+}
+
+/// `python3 -c SCRIPT` with libnbd's bindings, ready for the script's arguments.
+pub fn python(script: &str) -> Command {
+    let mut cmd = Command::new(libnbd_python());
+    cmd.arg("-c").arg(script);
+    cmd
 }
