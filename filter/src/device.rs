@@ -54,6 +54,13 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn size(&self) -> u64;
     fn block_sizes(&self) -> BlockSizes;
 
+    /// Whether a write of `len` bytes at `offset` completes without waiting
+    /// on a device (a copy into the page cache), so the protocol layer may
+    /// run it in the connection's own task instead of a task of its own.
+    fn write_is_quick(&self, _offset: u64, _len: u64, _fua: bool) -> bool {
+        false
+    }
+
     fn read(
         &self,
         offset: u64,

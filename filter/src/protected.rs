@@ -171,6 +171,10 @@ impl BlockDevice for ProtectedDisk {
         }
     }
 
+    fn write_is_quick(&self, offset: u64, len: u64, fua: bool) -> bool {
+        self.backing.writes_via_fast_path(offset, len, fua)
+    }
+
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, DeviceError> {
         self.backing
             .read(offset, len as usize)

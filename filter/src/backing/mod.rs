@@ -225,6 +225,11 @@ impl Backing {
         Ok(Bytes::from_owner(buf).slice(head..head + len))
     }
 
+    /// Whether a write goes through the page-cache fast path (inline).
+    pub fn writes_via_fast_path(&self, offset: u64, len: u64, durable: bool) -> bool {
+        self.fast_path.is_some() && FastPath::takes_write(offset, len, durable)
+    }
+
     pub async fn write(&self, offset: u64, data: Bytes, durable: bool) -> io::Result<()> {
         let len = data.len() as u64;
         if let Some(fast) = &self.fast_path {

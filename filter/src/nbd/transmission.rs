@@ -114,6 +114,23 @@ where
         let Ok(permit) = budget.clone().acquire_many_owned(cost).await else {
             unreachable!("the budget semaphore is never closed");
         };
+        // A write that waits on no device (a page-cache copy) costs less than
+        // a task and a cross-thread wake-up: do it right here, in order.
+        if request.command == CMD_WRITE
+            && export.device.write_is_quick(
+                request.offset,
+                u64::from(request.length),
+                request.flags & CMD_FLAG_FUA != 0,
+            )
+        {
+            let (head, data) = handle(&export, session, request, payload).await;
+            let _ = replies.send(Reply {
+                head,
+                data,
+                _budget: permit,
+            });
+            continue;
+        }
         let export = export.clone();
         let replies = replies.clone();
         tokio::spawn(async move {
