@@ -7,8 +7,10 @@ use std::io;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-/// How much to ask the socket for at once when more bytes are needed.
-const READ_CHUNK: usize = 64 * 1024;
+/// How much to ask the socket for at once when more bytes are needed. Small
+/// requests still arrive several per read; a large write payload copies at
+/// most this much (what was read past its header) when its buffer is made.
+const READ_CHUNK: usize = 16 * 1024;
 
 #[derive(Debug)]
 pub struct Inbound<R> {
