@@ -31,10 +31,6 @@ impl ProtectedDisk {
         }
     }
 
-    pub fn backing(&self) -> &Backing {
-        &self.backing
-    }
-
     /// The sequence number the next captured record will get.
     pub fn next_seq(&self) -> u64 {
         self.capture.next_seq()

@@ -236,6 +236,25 @@ impl Journal {
         Ok((journal, report))
     }
 
+    /// The disk id and size of the journal in `dir`, from its first
+    /// segment's header alone (no scan); `None` if `dir` holds no journal.
+    /// A damaged header is reported as a full read-only open reports it.
+    pub fn identity_of(dir: &Path) -> Result<Option<([u8; 16], u64)>, JournalError> {
+        let jdir = dir.join(JOURNAL_DIR);
+        if !jdir.is_dir() {
+            return Ok(None);
+        }
+        let Some((_, first)) = scan::list_segments(&jdir)?.into_iter().next() else {
+            return Ok(None);
+        };
+        let mut raw = [0u8; SEGMENT_HEADER_LEN];
+        let read = File::open(&first).and_then(|f| f.read_exact_at(&mut raw, 0));
+        match read.ok().and_then(|()| SegmentHeader::decode(&raw).ok()) {
+            Some(header) => Ok(Some((header.disk_id, header.disk_size))),
+            None => Self::open_read_only(dir).map(|(j, _)| Some((j.disk_id(), j.disk_size()))),
+        }
+    }
+
     /// The restore points, oldest first.
     pub fn points(&self) -> &[RestorePoint] {
         &self.points

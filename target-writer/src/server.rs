@@ -154,17 +154,10 @@ pub async fn run(
 
 /// Opens the journal in `config.dir` if there is one.
 fn open_existing(config: &TargetConfig) -> Result<Option<Journal>, TargetError> {
-    if !config.dir.join(crate::journal::JOURNAL_DIR).exists() {
+    let Some((disk_id, disk_size)) = Journal::identity_of(&config.dir)? else {
         return Ok(None);
-    }
-    let (identity, _) = Journal::open_read_only(&config.dir)?;
-    let (journal, report) = Journal::open(
-        &config.dir,
-        identity.disk_id(),
-        identity.disk_size(),
-        config.journal,
-    )?;
-    drop(identity);
+    };
+    let (journal, report) = Journal::open(&config.dir, disk_id, disk_size, config.journal)?;
     tracing::info!(points = journal.points().len(), last_seq = ?journal.last_seq(), ?report, "journal open");
     Ok(Some(journal))
 }

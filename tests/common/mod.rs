@@ -3,6 +3,8 @@
 //! everything on drop. Every helper panics with what it saw.
 #![allow(dead_code)] // each test binary uses its own subset of the harness
 
+pub mod replication;
+
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};

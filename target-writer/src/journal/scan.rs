@@ -123,7 +123,7 @@ pub(super) fn scan(dir: &Path, expected: Option<Identity>) -> Result<Scan, Journ
 
 /// The segment files in `dir`, in order; their numbers must run from 1
 /// without a gap. Files that do not name a segment are ignored.
-fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalError> {
+pub(super) fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalError> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io_err(dir, "list directory", 0))? {
         let entry = entry.map_err(io_err(dir, "list directory", 0))?;
