@@ -17,6 +17,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 pub const KEY_LEN: usize = 32;
 
 /// The pre-shared key. Its `Debug` output never shows the bytes.
+#[derive(Clone)]
 pub struct Key([u8; KEY_LEN]);
 
 /// Why a key file could not be created or loaded.

@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 
 use pipeline::key::Key;
-use target_writer::restore::{self, format_time, parse_time, PointSelector};
-use target_writer::Journal;
+use target_writer::format::longterm::LONGTERM_DIR;
+use target_writer::history::{History, Tier};
+use target_writer::restore::{format_time, parse_time, PointSelector};
 
 #[derive(clap::Args, Debug)]
 pub struct PointsArgs {
@@ -38,24 +39,22 @@ pub struct RestoreArgs {
 }
 
 pub fn points(args: PointsArgs) -> Result<()> {
-    let (journal, _) = Journal::open_read_only(&args.dir)
-        .with_context(|| format!("reading {}", args.dir.display()))?;
-    let points = restore::restore_points(&journal);
+    let history =
+        History::open(&args.dir).with_context(|| format!("reading {}", args.dir.display()))?;
+    let points = history.points();
     // RPO achieved at a point: how old the newest unprotected write could be
-    // just before the point became durable — from the previous cut to now.
+    // just before the point became durable — from the previous cut to then.
     let rows: Vec<_> = points
         .iter()
         .enumerate()
         .map(|(i, p)| {
-            let since = if i == 0 {
-                p.point_time_ns
-            } else {
-                points[i - 1].point_time_ns
-            };
+            let since = points[i.saturating_sub(1)].point_time_ns;
             let rpo_ms = p.received_time_ns.saturating_sub(since) as f64 / 1e6;
             (p, rpo_ms)
         })
         .collect();
+    let journal_bytes = history.journal().map_or(0, |j| j.bytes_on_disk());
+    let long_term_bytes = long_term_bytes_on_disk(&args.dir);
     if args.json {
         let json: Vec<_> = rows
             .iter()
@@ -66,71 +65,109 @@ pub fn points(args: PointsArgs) -> Result<()> {
                     "time_ns": p.point_time_ns,
                     "first_seq": p.first_seq,
                     "last_seq": p.last_seq,
-                    "bytes": p.body_len,
+                    "bytes": p.long_term_bytes.or(p.journal_bytes),
+                    "tier": tier_name(p.tier),
+                    "tag": p.tag,
+                    "journal_bytes": p.journal_bytes,
+                    "long_term_bytes": p.long_term_bytes,
                     "ends_on_barrier": p.ends_on_barrier,
                     "rpo_ms": rpo_ms,
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&json)?);
+        let summary = serde_json::json!({
+            "points": json,
+            "journal_bytes": journal_bytes,
+            "long_term_bytes": long_term_bytes,
+        });
+        println!("{}", serde_json::to_string_pretty(&summary)?);
         return Ok(());
     }
     println!(
-        "{:>6}  {:<24}  {:>21}  {:>10}  {:>9}  barrier",
-        "id", "time", "sequence", "bytes", "rpo ms"
+        "{:>6}  {:<24}  {:<9}  {:>12}  {:>9}  {:<7}  tag",
+        "id", "time", "tier", "bytes", "rpo ms", "barrier"
     );
     for (p, rpo_ms) in &rows {
         println!(
-            "{:>6}  {:<24}  {:>21}  {:>10}  {:>9.1}  {}",
+            "{:>6}  {:<24}  {:<9}  {:>12}  {:>9.1}  {:<7}  {}",
             p.id,
             format_time(p.point_time_ns),
-            format!("{}..{}", p.first_seq, p.last_seq),
-            p.body_len,
+            tier_name(p.tier),
+            p.long_term_bytes.or(p.journal_bytes).unwrap_or(0),
             rpo_ms,
-            if p.ends_on_barrier { "yes" } else { "" }
+            if p.ends_on_barrier { "yes" } else { "" },
+            p.tag.as_deref().unwrap_or("")
         );
     }
-    let oldest = rows
+    let count = |tier: Tier| points.iter().filter(|p| p.tier == tier).count();
+    let oldest = points
         .first()
-        .map_or("none".to_string(), |(p, _)| format_time(p.point_time_ns));
+        .map_or("none".to_string(), |p| format_time(p.point_time_ns));
     println!(
-        "{} restore points; oldest {oldest}; journal {} bytes",
-        rows.len(),
-        journal.bytes_on_disk()
+        "{} restore points ({} journal, {} long-term, {} both); oldest {oldest}; \
+         journal {journal_bytes} bytes, long-term {long_term_bytes} bytes",
+        points.len(),
+        count(Tier::Journal),
+        count(Tier::LongTerm),
+        count(Tier::Both),
     );
     Ok(())
 }
 
-pub fn restore(args: RestoreArgs) -> Result<()> {
-    let key = Key::load(&args.key)?;
-    let (journal, _) = Journal::open_read_only(&args.dir)
-        .with_context(|| format!("reading {}", args.dir.display()))?;
-    let selector = match args.at.parse::<u64>() {
+fn tier_name(tier: Tier) -> &'static str {
+    match tier {
+        Tier::Journal => "journal",
+        Tier::LongTerm => "long-term",
+        Tier::Both => "both",
+    }
+}
+
+/// Bytes the long-term tier's files take on disk (allocated, so sparse
+/// images count only what they hold).
+fn long_term_bytes_on_disk(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir.join(LONGTERM_DIR)) else {
+        return 0;
+    };
+    entries
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.blocks() * 512)
+        .sum()
+}
+
+/// Parses `--at`: a point id, or a time.
+pub fn parse_selector(at: &str) -> Result<PointSelector> {
+    Ok(match at.parse::<u64>() {
         Ok(id) if id < 1_000_000_000 => PointSelector::Id(id),
-        _ => match parse_time(&args.at) {
+        _ => match parse_time(at) {
             Some(ns) => PointSelector::AtOrBefore(ns),
             None => bail!(
-                "--at {:?} is neither a point id nor a time (RFC 3339 or seconds since the epoch)",
-                args.at
+                "--at {at:?} is neither a point id nor a time (RFC 3339 or seconds since the epoch)"
             ),
         },
-    };
-    let point = restore::select(&journal, selector)?;
+    })
+}
+
+pub fn restore(args: RestoreArgs) -> Result<()> {
+    let key = Key::load(&args.key)?;
+    let history =
+        History::open(&args.dir).with_context(|| format!("reading {}", args.dir.display()))?;
+    let point = history.select(parse_selector(&args.at)?)?;
     let bar = if std::io::stderr().is_terminal() {
         indicatif::ProgressBar::new(0)
     } else {
         indicatif::ProgressBar::hidden()
     };
-    restore::restore(&journal, &key, &point, &args.out, |done, total| {
+    history.restore(&key, &point, &args.out, |done, total| {
         bar.set_length(total);
         bar.set_position(done);
     })?;
     bar.finish_and_clear();
     println!(
-        "restored point {} ({}, seq {}..{}) to {}",
+        "restored point {} ({}, {}, seq ..{}) to {}",
         point.id,
         format_time(point.point_time_ns),
-        point.first_seq,
+        tier_name(point.tier),
         point.last_seq,
         args.out.display()
     );

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 
 use pipeline::key::Key;
 use pipeline::protect::{self, ProtectConfig};
+use target_writer::roller::LongTermOptions;
 use target_writer::server::{self, TargetConfig};
 use target_writer::JournalOptions;
 
@@ -30,7 +31,28 @@ pub struct TargetArgs {
     /// The key file shared with the source (`cdp keygen`).
     #[arg(long)]
     key: PathBuf,
+    /// How often the journal is rolled into a long-term point (a delta image).
+    #[arg(long, default_value = "1h", value_parser = parse_interval)]
+    long_term_every: Duration,
+    /// Journal segments rolled into a long-term point are removed once
+    /// older than this; `forever` keeps them.
+    #[arg(long, default_value = "4h", value_parser = parse_retention)]
+    short_term_retention: Retention,
+    /// Long-term points older than this merge into the base; `forever`
+    /// keeps them.
+    #[arg(long, default_value = "7d", value_parser = parse_retention)]
+    long_term_retention: Retention,
+    /// Keep at most this many long-term points (the base included).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    keep_long_term: Option<u64>,
+    /// Size at which a journal segment file rolls over, e.g. 64MiB.
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    segment_size: u64,
 }
+
+/// A retention period, or none (keep forever).
+#[derive(Debug, Clone, Copy)]
+struct Retention(Option<Duration>);
 
 #[derive(clap::Args, Debug)]
 pub struct ProtectArgs {
@@ -67,7 +89,16 @@ pub fn target(args: TargetArgs) -> Result<()> {
         listen: args.listen,
         dir: args.dir,
         key,
-        journal: JournalOptions::default(),
+        journal: JournalOptions {
+            segment_size: args.segment_size,
+            ..JournalOptions::default()
+        },
+        long_term: LongTermOptions {
+            every: args.long_term_every,
+            short_term: args.short_term_retention.0,
+            long_term: args.long_term_retention.0,
+            keep: args.keep_long_term.map(|n| n as usize),
+        },
     };
     super::run_until_signal(|shutdown| async move {
         server::run(config, shutdown, |addr| {
@@ -100,6 +131,32 @@ pub fn protect(args: ProtectArgs) -> Result<()> {
     })
 }
 
+fn parse_interval(text: &str) -> Result<Duration> {
+    let every = humantime::parse_duration(text)
+        .with_context(|| format!("{text:?} is not a duration like 1h or 30m"))?;
+    if every < Duration::from_secs(1) {
+        bail!("long-term points more often than every second are not supported");
+    }
+    Ok(every)
+}
+
+fn parse_retention(text: &str) -> Result<Retention> {
+    if text == "forever" {
+        return Ok(Retention(None));
+    }
+    humantime::parse_duration(text)
+        .map(|d| Retention(Some(d)))
+        .with_context(|| format!("{text:?} is neither a duration like 4h or 7d nor `forever`"))
+}
+
+fn parse_size(text: &str) -> Result<u64> {
+    let size = parse_bytes(text)?;
+    if size < 1 << 12 {
+        bail!("a segment size below 4KiB is not supported");
+    }
+    Ok(size)
+}
+
 fn parse_rpo(text: &str) -> Result<Duration> {
     let rpo = humantime::parse_duration(text)
         .with_context(|| format!("{text:?} is not a duration like 1s or 250ms"))?;
@@ -111,14 +168,23 @@ fn parse_rpo(text: &str) -> Result<Duration> {
 
 /// Parses `50MiB/s`, `10MB/s`, `1GiB` or a plain number of bytes per second.
 fn parse_rate(text: &str) -> Result<u64> {
-    let amount = text.strip_suffix("/s").unwrap_or(text).trim();
+    let rate = parse_bytes(text.strip_suffix("/s").unwrap_or(text))?;
+    if rate == 0 {
+        bail!("a throttle of 0 would stop replication");
+    }
+    Ok(rate)
+}
+
+/// `50MiB`, `1.5GB`, `4096`: bytes.
+fn parse_bytes(text: &str) -> Result<u64> {
+    let amount = text.trim();
     let split = amount
         .find(|c: char| !c.is_ascii_digit() && c != '.')
         .unwrap_or(amount.len());
     let (number, unit) = amount.split_at(split);
     let number: f64 = number
         .parse()
-        .with_context(|| format!("{text:?} is not a rate like 50MiB/s"))?;
+        .with_context(|| format!("{text:?} is not an amount like 50MiB"))?;
     let scale: u64 = match unit.trim() {
         "" | "B" => 1,
         "K" | "KB" | "kB" => 1_000,
@@ -129,11 +195,7 @@ fn parse_rate(text: &str) -> Result<u64> {
         "GiB" => 1 << 30,
         other => bail!("unknown unit {other:?} in {text:?} (use B, KB, KiB, MB, MiB, GB or GiB)"),
     };
-    let rate = (number * scale as f64) as u64;
-    if rate == 0 {
-        bail!("a throttle of 0 would stop replication");
-    }
-    Ok(rate)
+    Ok((number * scale as f64) as u64)
 }
 
 #[cfg(test)]

@@ -31,6 +31,8 @@
 //!  60  u32      CRC32C of bytes 0..60
 //! ```
 
+pub mod longterm;
+
 pub const SEGMENT_MAGIC: [u8; 8] = *b"CDPJSEG\0";
 pub const VERSION: u32 = 1;
 pub const SEGMENT_HEADER_LEN: usize = 64;
@@ -86,6 +88,20 @@ pub enum HeaderError {
     Flags(u8),
     #[error("sequence range {first_seq}..={last_seq} is reversed")]
     SeqRange { first_seq: u64, last_seq: u64 },
+    #[error("block size {0}, expected {expected}", expected = longterm::BLOCK_SIZE)]
+    BlockSize(u32),
+    #[error("tag of {0} bytes (at most {max} allowed)", max = longterm::MAX_TAG_LEN)]
+    TagLength(usize),
+    #[error("tag is not UTF-8")]
+    TagUtf8,
+    #[error("cut short")]
+    Truncated,
+    #[error("{0} stray bytes at the end")]
+    Trailing(usize),
+    #[error("block map of {0} bytes is not a whole number of entries")]
+    MapLength(usize),
+    #[error("block map entry {index} is malformed, out of order or past the disk's end")]
+    MapEntry { index: usize },
 }
 
 impl HeaderError {

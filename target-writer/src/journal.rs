@@ -279,6 +279,23 @@ impl Journal {
         self.segments.iter().map(|s| s.len).sum()
     }
 
+    /// A read-only copy of the journal holding only the entries `ids`, for
+    /// reading their bodies without holding the writer (the roll).
+    pub fn read_only_slice(&self, ids: std::ops::RangeInclusive<u64>) -> Journal {
+        Journal {
+            dir: self.dir.clone(),
+            identity: self.identity,
+            segments: self.segments.clone(),
+            points: self
+                .points
+                .iter()
+                .filter(|p| ids.contains(&p.id))
+                .copied()
+                .collect(),
+            writer: None,
+        }
+    }
+
     /// Reads the body of `point` back from disk, verifying its header and
     /// body CRCs again.
     pub fn read_body(&self, point: &RestorePoint) -> Result<Vec<u8>, JournalError> {

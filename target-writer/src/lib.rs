@@ -5,8 +5,11 @@
 //! point. Delta images (long-term points under retention) come later; see
 //! `docs/ARCHITECTURE.md` and `docs/REPLICATION.md`.
 pub mod format;
+pub mod history;
 pub mod journal;
+pub mod longterm;
 pub mod restore;
+pub mod roller;
 pub mod server;
 
 pub use journal::{

@@ -1,12 +1,11 @@
-//! Rebuilding a disk image from the journal: which entries are restore
-//! points, how a point is chosen by id or time, and the rebuild itself
-//! (a sparse image of the disk's size, every batch up to the point applied
-//! in order, frames decrypted with the key file and the salt stored beside
-//! each one).
+//! What restoring shares across tiers: how a user names a point, the
+//! errors, reading one journal entry back as a batch (its frame decrypted
+//! with the key file and the salt stored beside it), and times as users
+//! write them. Which points exist and the rebuild itself are in
+//! [`crate::history`].
 
-use std::fs::OpenOptions;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use pipeline::batch::{Batch, BatchError};
 use pipeline::codec::{open_at_rest, CodecError, Direction, SessionSalt};
@@ -31,6 +30,8 @@ pub enum PointSelector {
 pub enum RestoreError {
     #[error(transparent)]
     Journal(#[from] JournalError),
+    #[error(transparent)]
+    LongTerm(#[from] crate::longterm::LongTermError),
     #[error("the journal holds no restore point yet (a full sync has not completed)")]
     NoPoints,
     #[error("there is no restore point {0}; `cdp points` lists them")]
@@ -58,95 +59,6 @@ pub enum RestoreError {
         #[source]
         source: io::Error,
     },
-}
-
-/// The entries a user may restore to: every batch cut after a full sync
-/// completed.
-pub fn restore_points(journal: &Journal) -> Vec<RestorePoint> {
-    journal
-        .points()
-        .iter()
-        .filter(|p| !p.in_sync)
-        .copied()
-        .collect()
-}
-
-/// Finds the point a selector names.
-pub fn select(journal: &Journal, selector: PointSelector) -> Result<RestorePoint, RestoreError> {
-    let points = restore_points(journal);
-    let first = *points.first().ok_or(RestoreError::NoPoints)?;
-    match selector {
-        PointSelector::Id(id) => points
-            .iter()
-            .find(|p| p.id == id)
-            .copied()
-            .ok_or(RestoreError::UnknownPoint(id)),
-        PointSelector::AtOrBefore(time_ns) => points
-            .iter()
-            .rev()
-            .find(|p| p.point_time_ns <= time_ns)
-            .copied()
-            .ok_or_else(|| RestoreError::TooEarly {
-                requested: format_time(time_ns),
-                first: format_time(first.point_time_ns),
-            }),
-    }
-}
-
-/// Rebuilds the disk at `point` into a new sparse file at `out`, calling
-/// `progress(entries_done, entries_total)` as it goes. On failure the
-/// partial image is removed.
-pub fn restore(
-    journal: &Journal,
-    key: &Key,
-    point: &RestorePoint,
-    out: &Path,
-    progress: impl FnMut(u64, u64),
-) -> Result<(), RestoreError> {
-    let output = |op| {
-        let path = out.to_path_buf();
-        move |source| RestoreError::Output { path, op, source }
-    };
-    let image = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(out)
-        .map_err(output("create"))?;
-    let result = rebuild(journal, key, point, &image, out, progress)
-        .and_then(|()| image.sync_all().map_err(output("fsync")));
-    if result.is_err() {
-        drop(image);
-        let _ = std::fs::remove_file(out);
-    }
-    result
-}
-
-fn rebuild(
-    journal: &Journal,
-    key: &Key,
-    point: &RestorePoint,
-    image: &std::fs::File,
-    out: &Path,
-    mut progress: impl FnMut(u64, u64),
-) -> Result<(), RestoreError> {
-    let output = |op| {
-        let path = out.to_path_buf();
-        move |source| RestoreError::Output { path, op, source }
-    };
-    image.set_len(journal.disk_size()).map_err(output("size"))?;
-    let entries: Vec<&RestorePoint> = journal
-        .points()
-        .iter()
-        .take_while(|p| p.id <= point.id)
-        .collect();
-    let total = entries.len() as u64;
-    for (done, entry) in entries.into_iter().enumerate() {
-        read_batch(journal, key, entry)?
-            .apply(image)
-            .map_err(output("write"))?;
-        progress(done as u64 + 1, total);
-    }
-    Ok(())
 }
 
 /// Reads, verifies, decrypts and decodes one journal entry.

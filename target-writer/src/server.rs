@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::journal::{BatchMeta, Journal, JournalError, JournalOptions};
 use crate::restore::SALT_LEN;
+use crate::roller::{LongTermOptions, Roller, SharedJournal};
 
 /// How long a connecting source may take to finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -33,6 +34,7 @@ pub struct TargetConfig {
     pub dir: PathBuf,
     pub key: Key,
     pub journal: JournalOptions,
+    pub long_term: LongTermOptions,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,10 +79,6 @@ enum ConnectionError {
     },
 }
 
-/// The journal, opened when the target starts (if the directory holds one)
-/// or when the first source connects.
-type SharedJournal = Arc<Mutex<Option<Journal>>>;
-
 /// The session allowed to append; a newer one cancels it.
 #[derive(Default)]
 struct CurrentSession(Mutex<Option<CancellationToken>>);
@@ -120,10 +118,18 @@ pub async fn run(
             addr: config.listen,
             source,
         })?;
+    // The journal, opened now if the directory holds one, or when the
+    // first source connects.
     let journal: SharedJournal = Arc::new(Mutex::new(open_existing(&config)?));
     let config = Arc::new(config);
     let current = Arc::new(CurrentSession::default());
     ready(addr);
+    let _roller = Roller::start(
+        config.dir.clone(),
+        config.key.clone(),
+        config.long_term,
+        journal.clone(),
+    );
     loop {
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => break,

@@ -731,9 +731,9 @@ pub fn points(dir: &Path) -> Vec<Point> {
     let text = run_stdout(cdp().arg("points").arg("--dir").arg(dir).arg("--json"));
     let json: serde_json::Value = serde_json::from_str(&text)
         .unwrap_or_else(|e| panic!("cdp points --json printed no JSON ({e}):\n{text}"));
-    let rows = json
+    let rows = json["points"]
         .as_array()
-        .unwrap_or_else(|| panic!("cdp points --json printed no array:\n{text}"));
+        .unwrap_or_else(|| panic!("cdp points --json printed no \"points\" array:\n{text}"));
     rows.iter()
         .map(|row| {
             let u = |field: &str| {
@@ -748,7 +748,7 @@ pub fn points(dir: &Path) -> Vec<Point> {
                     .unwrap_or_else(|| panic!("no \"time\" in {row}"))
                     .to_string(),
                 time_ns: u("time_ns"),
-                first_seq: u("first_seq"),
+                first_seq: row["first_seq"].as_u64().unwrap_or(0),
                 last_seq: u("last_seq"),
                 bytes: u("bytes"),
                 ends_on_barrier: row["ends_on_barrier"]

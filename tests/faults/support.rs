@@ -243,7 +243,8 @@ impl Lab {
                 .as_u64()
                 .unwrap_or_else(|| self.fail(format!("cdp points --json: no {name} in {p}")))
         };
-        json.as_array()
+        json["points"]
+            .as_array()
             .unwrap_or_else(|| self.fail(format!("cdp points --json printed {json}")))
             .iter()
             .map(|p| Point {

@@ -1,6 +1,7 @@
 //! Appending: checks that a batch continues the journal, writes its entry,
 //! rolls to a new segment when the newest is full, and makes every step
-//! durable before it returns.
+//! durable before it returns. Also the writer's other change, removing old
+//! segments (short-term retention).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -53,6 +54,42 @@ impl Journal {
             self.roll(header.id)?;
         }
         self.write_entry(&header, body)
+    }
+
+    /// Short-term retention: removes the oldest segments whose entries all
+    /// have ids up to `up_to_id` (their content is in a long-term point) and
+    /// were all received before `received_before_ns`. The segment holding
+    /// the newest entry, and any after it, always stay. Returns how many
+    /// segments went.
+    pub fn remove_old_segments(
+        &mut self,
+        up_to_id: u64,
+        received_before_ns: u64,
+    ) -> Result<usize, JournalError> {
+        let writer = self.writer()?;
+        let keep_from = self.points.last().map_or(u64::MAX, |p| p.segment);
+        let mut removable = 0;
+        for segment in self.segments.iter().take_while(|s| s.number < keep_from) {
+            let mut entries = self.points.iter().filter(|p| p.segment == segment.number);
+            if !entries.all(|p| p.id <= up_to_id && p.received_time_ns < received_before_ns) {
+                break;
+            }
+            removable += 1;
+        }
+        for segment in &self.segments[..removable] {
+            std::fs::remove_file(&segment.path).map_err(io_err(
+                &segment.path,
+                "remove segment",
+                0,
+            ))?;
+        }
+        if removable > 0 {
+            files::sync_dir(&self.dir, &writer.dir_handle)?;
+            let gone = self.segments[removable - 1].number;
+            self.segments.drain(..removable);
+            self.points.retain(|p| p.segment > gone);
+        }
+        Ok(removable)
     }
 
     /// The writer, if the journal takes appends.

@@ -73,7 +73,7 @@ pub(super) fn scan(dir: &Path, expected: Option<Identity>) -> Result<Scan, Journ
     let files = list_segments(dir)?;
     let mut scanner = Scanner {
         identity: expected,
-        next_id: 1,
+        next_id: 0,
         last_seq: None,
         points: Vec::new(),
         buf: Vec::new(),
@@ -121,8 +121,8 @@ pub(super) fn scan(dir: &Path, expected: Option<Identity>) -> Result<Scan, Journ
     })
 }
 
-/// The segment files in `dir`, in order; their numbers must run from 1
-/// without a gap. Files that do not name a segment are ignored.
+/// The segment files in `dir`, in order; their numbers must run without a
+/// gap (from 1, unless short-term retention removed the oldest). Files that do not name a segment are ignored.
 pub(super) fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalError> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io_err(dir, "list directory", 0))? {
@@ -133,7 +133,8 @@ pub(super) fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalEr
         }
     }
     found.sort_unstable();
-    for (expected, (number, path)) in (1u64..).zip(&found) {
+    let first = found.first().map_or(1, |(number, _)| *number);
+    for (expected, (number, path)) in (first..).zip(&found) {
         if *number != expected {
             return Err(JournalError::SegmentGap {
                 path: path.clone(),
@@ -183,6 +184,8 @@ impl SegmentScan {
 /// What the scan has established so far, carried from segment to segment.
 struct Scanner {
     identity: Option<Identity>,
+    /// The id the next entry must have; 0 (never an id) until the first
+    /// segment header sets it.
     next_id: u64,
     last_seq: Option<u64>,
     points: Vec<RestorePoint>,
@@ -257,10 +260,15 @@ impl Scanner {
                 found: header.number,
             });
         }
-        if header.first_entry_id != self.next_id {
+        // The oldest segment retained starts the ids; the rest continue them.
+        if self.next_id == 0 {
+            self.next_id = header.first_entry_id;
+        }
+        let expected = self.next_id;
+        if header.first_entry_id != expected {
             return Err(JournalError::FirstEntryId {
                 path: seg.path.clone(),
-                expected: self.next_id,
+                expected,
                 found: header.first_entry_id,
             });
         }

@@ -1,0 +1,377 @@
+//! The restore points a target directory holds, in both tiers, and the way
+//! to each: which points are restorable, which layers and journal entries
+//! rebuild one, the full rebuild ([`History::restore`]) and the layered view
+//! that `serve-point` reads through ([`History::image`]).
+//!
+//! A point is the journal entry id it was cut at; a long-term point keeps
+//! the id of the entry it was rolled up to. A journal point is restorable
+//! when the journal still holds every entry from the newest long-term point
+//! below it (or from the very first entry) up to it. The cheapest path is
+//! always taken: the long-term layers up to the newest long-term point at or
+//! below the point, then the journal entries after it.
+//!
+//! Opening takes the readers' pin (see `longterm/files.rs`), so retention
+//! does not remove what this reads until the [`History`] is dropped.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use pipeline::key::Key;
+
+use crate::format::longterm::{
+    base_map_file_name, delta_file_name, Catalog, ImageHeader, ImageKind, LongTermPoint,
+    PointStamp, BASE_IMAGE_FILE, BLOCK_SIZE, LONGTERM_DIR,
+};
+use crate::journal::{Journal, JournalError, JOURNAL_DIR};
+use crate::longterm::{Layer, LongTermError, PointImage};
+use crate::restore::{format_time, read_batch, PointSelector, RestoreError};
+
+/// Which tier holds a point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    Journal,
+    LongTerm,
+    /// A long-term point whose journal entry is still retained too.
+    Both,
+}
+
+/// One restorable point.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Point {
+    pub id: u64,
+    /// The first capture sequence number of its journal entry, if the
+    /// journal holds it.
+    pub first_seq: Option<u64>,
+    pub last_seq: u64,
+    /// When the source cut it, ns since the epoch (the source's clock).
+    pub point_time_ns: u64,
+    /// When the target made it durable, ns since the epoch (its clock).
+    pub received_time_ns: u64,
+    pub tier: Tier,
+    pub tag: Option<String>,
+    /// Bytes of the journal entry, if the journal holds it.
+    pub journal_bytes: Option<u64>,
+    /// Bytes of block data of its long-term image, if it is a long-term point.
+    pub long_term_bytes: Option<u64>,
+    /// The point ends on a barrier (a flush or FUA write).
+    pub ends_on_barrier: bool,
+}
+
+/// A target directory's history, pinned against removal while open.
+#[derive(Debug)]
+pub struct History {
+    dir: PathBuf,
+    _pin: Option<crate::longterm::Pin>,
+    catalog: Option<Catalog>,
+    journal: Option<Journal>,
+    disk_size: u64,
+}
+
+impl History {
+    /// Opens the history in `dir` for reading; changes nothing.
+    pub fn open(dir: &Path) -> Result<History, RestoreError> {
+        let longterm = dir.join(LONGTERM_DIR);
+        let pin = crate::longterm::pin_shared(&longterm)?;
+        let catalog = crate::longterm::load_catalog(&longterm)?;
+        let journal = if dir.join(JOURNAL_DIR).is_dir() || catalog.is_none() {
+            match Journal::open_read_only(dir) {
+                Ok((journal, _)) => Some(journal),
+                Err(JournalError::Empty { .. }) if catalog.is_some() => None,
+                Err(e) => return Err(e.into()),
+            }
+        } else {
+            None
+        };
+        let disk_size = match (&catalog, &journal) {
+            (Some(c), _) => c.disk_size,
+            (None, Some(j)) => j.disk_size(),
+            (None, None) => unreachable!("a history without a catalog has a journal"),
+        };
+        Ok(History {
+            dir: dir.to_path_buf(),
+            _pin: pin,
+            catalog,
+            journal,
+            disk_size,
+        })
+    }
+
+    pub fn disk_size(&self) -> u64 {
+        self.disk_size
+    }
+
+    pub fn journal(&self) -> Option<&Journal> {
+        self.journal.as_ref()
+    }
+
+    pub fn catalog(&self) -> Option<&Catalog> {
+        self.catalog.as_ref()
+    }
+
+    /// The long-term points, oldest first, with the number of layers
+    /// (base first) that make each.
+    fn long_term(&self) -> Vec<(&LongTermPoint, usize)> {
+        let Some(catalog) = &self.catalog else {
+            return Vec::new();
+        };
+        let mut points = Vec::new();
+        if let Some(base) = &catalog.base {
+            // While a delta is being merged into it, the base's own point is gone.
+            if catalog.merging.is_none() {
+                points.push((base, 1));
+            }
+            for (i, delta) in catalog.deltas.iter().enumerate() {
+                points.push((delta, i + 2));
+            }
+        }
+        points
+    }
+
+    /// Where point `id` comes from: the layers of the newest long-term point
+    /// at or below it (how many, and that point's id), and whether the
+    /// journal holds every entry after that up to `id`.
+    fn path_to(&self, id: u64) -> Option<(usize, u64)> {
+        let below = self
+            .long_term()
+            .into_iter()
+            .rev()
+            .find(|(p, _)| p.point.entry_id <= id)
+            .map_or((0, 0), |(p, layers)| (layers, p.point.entry_id));
+        if below.1 == id {
+            return Some(below);
+        }
+        let journal = self.journal.as_ref()?;
+        let first = journal.points().first()?.id;
+        let last = journal.points().last()?.id;
+        (first <= below.1 + 1 && id <= last).then_some(below)
+    }
+
+    /// Every restorable point, oldest first.
+    pub fn points(&self) -> Vec<Point> {
+        let mut points: Vec<Point> = self
+            .long_term()
+            .into_iter()
+            .map(|(p, _)| Point {
+                id: p.point.entry_id,
+                first_seq: None,
+                last_seq: p.point.last_seq,
+                point_time_ns: p.point.point_time_ns,
+                received_time_ns: p.point.received_time_ns,
+                tier: Tier::LongTerm,
+                tag: p.tag.clone(),
+                journal_bytes: None,
+                long_term_bytes: Some(p.bytes),
+                ends_on_barrier: p.ends_on_barrier,
+            })
+            .collect();
+        if let Some(journal) = &self.journal {
+            for entry in journal.points().iter().filter(|p| !p.in_sync) {
+                if let Some(long) = points.iter_mut().find(|p| p.id == entry.id) {
+                    long.tier = Tier::Both;
+                    long.journal_bytes = Some(u64::from(entry.body_len));
+                    long.first_seq = Some(entry.first_seq);
+                } else if self.path_to(entry.id).is_some() {
+                    points.push(Point {
+                        id: entry.id,
+                        first_seq: Some(entry.first_seq),
+                        last_seq: entry.last_seq,
+                        point_time_ns: entry.point_time_ns,
+                        received_time_ns: entry.received_time_ns,
+                        tier: Tier::Journal,
+                        tag: None,
+                        journal_bytes: Some(u64::from(entry.body_len)),
+                        long_term_bytes: None,
+                        ends_on_barrier: entry.ends_on_barrier,
+                    });
+                }
+            }
+        }
+        points.sort_by_key(|p| p.id);
+        points
+    }
+
+    /// Finds the point a selector names.
+    pub fn select(&self, selector: PointSelector) -> Result<Point, RestoreError> {
+        let points = self.points();
+        let first = points.first().ok_or(RestoreError::NoPoints)?;
+        match selector {
+            PointSelector::Id(id) => points
+                .iter()
+                .find(|p| p.id == id)
+                .cloned()
+                .ok_or(RestoreError::UnknownPoint(id)),
+            PointSelector::AtOrBefore(time_ns) => points
+                .iter()
+                .rev()
+                .find(|p| p.point_time_ns <= time_ns)
+                .cloned()
+                .ok_or_else(|| RestoreError::TooEarly {
+                    requested: format_time(time_ns),
+                    first: format_time(first.point_time_ns),
+                }),
+        }
+    }
+
+    /// The layers (base first) of the first `count` long-term layers.
+    fn layers(&self, count: usize) -> Result<Vec<Layer>, LongTermError> {
+        let Some(catalog) = &self.catalog else {
+            return Ok(Vec::new());
+        };
+        let dir = self.dir.join(LONGTERM_DIR);
+        let mut layers = Vec::with_capacity(count);
+        if let (Some(base), true) = (&catalog.base, count > 0) {
+            layers.push(Layer::open_base(
+                &dir.join(BASE_IMAGE_FILE),
+                &dir.join(base_map_file_name(base.number)),
+            )?);
+        }
+        for delta in catalog.deltas.iter().take(count.saturating_sub(1)) {
+            layers.push(Layer::open_delta(&dir.join(delta_file_name(delta.number)))?);
+        }
+        Ok(layers)
+    }
+
+    /// The journal entries after `after` up to and including `id`.
+    fn tail(&self, after: u64, id: u64) -> Vec<crate::journal::RestorePoint> {
+        self.journal.as_ref().map_or_else(Vec::new, |j| {
+            j.points()
+                .iter()
+                .filter(|p| p.id > after && p.id <= id)
+                .copied()
+                .collect()
+        })
+    }
+
+    /// The disk at `point` as layers, for reading in place: the long-term
+    /// layers, and the journal entries after them built into one more layer
+    /// in an unlinked file under `scratch`. How long this takes grows with
+    /// those entries only (the roll schedule bounds them), not with the
+    /// number of points.
+    pub fn image(
+        &self,
+        key: &Key,
+        point: &Point,
+        scratch: &Path,
+    ) -> Result<PointImage, RestoreError> {
+        let (count, below) = self
+            .path_to(point.id)
+            .ok_or(RestoreError::UnknownPoint(point.id))?;
+        let mut image = PointImage::new(self.disk_size, self.layers(count)?);
+        let tail = self.tail(below, point.id);
+        if tail.is_empty() {
+            return Ok(image);
+        }
+        let journal = self
+            .journal
+            .as_ref()
+            .expect("a tail comes from the journal");
+        let path = scratch.join(format!(
+            "cdp-point-{}-{}.layer",
+            point.id,
+            std::process::id()
+        ));
+        let mut builder = crate::longterm::ImageBuilder::create(&image, &path, 0)?;
+        for entry in &tail {
+            builder.apply(&read_batch(journal, key, entry)?)?;
+        }
+        let built = builder.finish();
+        let _ = std::fs::remove_file(&path);
+        let (file, map) = built?;
+        let header = ImageHeader {
+            kind: ImageKind::Delta,
+            disk_id: [0; 16],
+            disk_size: self.disk_size,
+            block_size: BLOCK_SIZE,
+            number: 0,
+            point: PointStamp {
+                entry_id: point.id,
+                last_seq: point.last_seq,
+                point_time_ns: point.point_time_ns,
+                received_time_ns: point.received_time_ns,
+            },
+            map_offset: 0,
+            map_entries: 0,
+            map_crc: 0,
+            tag: None,
+        };
+        image.push(Layer::from_parts(path, file, 0, header, map));
+        Ok(image)
+    }
+
+    /// Rebuilds the disk at `point` into a new sparse file at `out`, calling
+    /// `progress(bytes_done, bytes_total)` as it goes. On failure the
+    /// partial image is removed.
+    pub fn restore(
+        &self,
+        key: &Key,
+        point: &Point,
+        out: &Path,
+        progress: impl FnMut(u64, u64),
+    ) -> Result<(), RestoreError> {
+        let image = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(out)
+            .map_err(output(out, "create"))?;
+        let result = self
+            .rebuild(key, point, &image, out, progress)
+            .and_then(|()| image.sync_all().map_err(output(out, "fsync")));
+        if result.is_err() {
+            drop(image);
+            let _ = std::fs::remove_file(out);
+        }
+        result
+    }
+
+    fn rebuild(
+        &self,
+        key: &Key,
+        point: &Point,
+        out_file: &std::fs::File,
+        out: &Path,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<(), RestoreError> {
+        let (count, below) = self
+            .path_to(point.id)
+            .ok_or(RestoreError::UnknownPoint(point.id))?;
+        out_file
+            .set_len(self.disk_size)
+            .map_err(output(out, "size"))?;
+        let image = PointImage::new(self.disk_size, self.layers(count)?);
+        let tail = self.tail(below, point.id);
+        let layer_bytes: u64 = image.layers().iter().map(|l| l.map().data_bytes()).sum();
+        let tail_bytes: u64 = tail.iter().map(|p| u64::from(p.body_len)).sum();
+        let total = layer_bytes + tail_bytes;
+        let mut done = 0;
+        let mut buf = Vec::new();
+        const BLOCK: u64 = BLOCK_SIZE as u64;
+        for run in image.runs() {
+            let Some(layer) = run.layer else { continue };
+            let offset = run.first_block * BLOCK;
+            let len = (run.blocks * BLOCK).min(self.disk_size - offset);
+            buf.resize((run.blocks * BLOCK) as usize, 0);
+            image.layers()[layer].read_blocks(run.first_block, &mut buf)?;
+            out_file
+                .write_all_at(&buf[..len as usize], offset)
+                .map_err(output(out, "write"))?;
+            done += run.blocks * BLOCK;
+            progress(done.min(layer_bytes), total);
+        }
+        let journal = self.journal.as_ref();
+        for entry in &tail {
+            let journal = journal.expect("a tail comes from the journal");
+            read_batch(journal, key, entry)?
+                .apply(out_file)
+                .map_err(output(out, "write"))?;
+            done += u64::from(entry.body_len);
+            progress(done.min(total), total);
+        }
+        Ok(())
+    }
+}
+
+fn output(path: &Path, op: &'static str) -> impl FnOnce(std::io::Error) -> RestoreError {
+    let path = path.to_path_buf();
+    move |source| RestoreError::Output { path, op, source }
+}

@@ -1,0 +1,208 @@
+//! One layer of a long-term point: a delta image, or `base.img` with its base
+//! map. A layer knows which blocks it holds ([`BlockMap`]) and reads them
+//! back, checking each block's CRC. Writing images is `builder.rs`'s job.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::error::{io_err, LongTermError};
+use crate::format::longterm::{
+    decode_map, BlockState, ImageHeader, ImageKind, MapEntry, BLOCK_SIZE, IMAGE_HEADER_LEN,
+};
+
+pub(crate) const BLOCK: u64 = BLOCK_SIZE as u64;
+
+/// The blocks a layer holds, sorted by block number.
+#[derive(Debug, Clone, Default)]
+pub struct BlockMap {
+    entries: Vec<MapEntry>,
+}
+
+impl BlockMap {
+    pub(crate) fn new(entries: Vec<MapEntry>) -> Self {
+        debug_assert!(entries.windows(2).all(|w| w[0].block < w[1].block));
+        BlockMap { entries }
+    }
+
+    pub fn get(&self, block: u64) -> Option<BlockState> {
+        self.entries
+            .binary_search_by_key(&block, |e| e.block)
+            .ok()
+            .map(|i| self.entries[i].state)
+    }
+
+    pub fn entries(&self) -> &[MapEntry] {
+        &self.entries
+    }
+
+    /// Runs of consecutive blocks in the same state, at most 256 blocks
+    /// long: `(first block, blocks, holds data)`.
+    pub fn runs(&self) -> impl Iterator<Item = (u64, u64, bool)> + '_ {
+        let mut entries = self.entries.iter().peekable();
+        std::iter::from_fn(move || {
+            let first = entries.next()?;
+            let data = matches!(first.state, BlockState::Data { .. });
+            let mut blocks = 1;
+            while let Some(next) = entries.peek() {
+                let same = matches!(next.state, BlockState::Data { .. }) == data;
+                if !same || next.block != first.block + blocks || blocks == 256 {
+                    break;
+                }
+                blocks += 1;
+                entries.next();
+            }
+            Some((first.block, blocks, data))
+        })
+    }
+
+    /// Bytes of block data the map stands for.
+    pub fn data_bytes(&self) -> u64 {
+        let data = self
+            .entries
+            .iter()
+            .filter(|e| matches!(e.state, BlockState::Data { .. }))
+            .count();
+        data as u64 * BLOCK
+    }
+}
+
+/// A delta image or the base, open for reading.
+#[derive(Debug)]
+pub struct Layer {
+    /// The file holding the block data.
+    path: PathBuf,
+    file: File,
+    /// Where block 0's data starts in `file`.
+    data_offset: u64,
+    header: ImageHeader,
+    map: BlockMap,
+}
+
+impl Layer {
+    /// Opens the delta image at `path`.
+    pub fn open_delta(path: &Path) -> Result<Layer, LongTermError> {
+        let file = File::open(path).map_err(io_err(path, "open delta image", 0))?;
+        let (header, map) = read_header_and_map(&file, path, ImageKind::Delta)?;
+        Ok(Layer {
+            path: path.to_path_buf(),
+            file,
+            data_offset: IMAGE_HEADER_LEN as u64,
+            header,
+            map,
+        })
+    }
+
+    /// Opens `base.img` at `image` with its base map at `map_path`.
+    pub fn open_base(image: &Path, map_path: &Path) -> Result<Layer, LongTermError> {
+        let map_file = File::open(map_path).map_err(io_err(map_path, "open base map", 0))?;
+        let (header, map) = read_header_and_map(&map_file, map_path, ImageKind::BaseMap)?;
+        let file = File::open(image).map_err(io_err(image, "open base image", 0))?;
+        Ok(Layer {
+            path: image.to_path_buf(),
+            file,
+            data_offset: 0,
+            header,
+            map,
+        })
+    }
+
+    /// A layer over a file written by an [`super::builder::ImageBuilder`]
+    /// and kept only in memory (the journal part of a point being served).
+    pub(crate) fn from_parts(
+        path: PathBuf,
+        file: File,
+        data_offset: u64,
+        header: ImageHeader,
+        map: BlockMap,
+    ) -> Layer {
+        Layer {
+            path,
+            file,
+            data_offset,
+            header,
+            map,
+        }
+    }
+
+    pub fn header(&self) -> &ImageHeader {
+        &self.header
+    }
+
+    pub fn map(&self) -> &BlockMap {
+        &self.map
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads `count` consecutive data blocks from `block` on into `buf`
+    /// (`count * BLOCK` bytes), checking each against its CRC. Every block
+    /// must be a data block of the map.
+    pub fn read_blocks(&self, block: u64, buf: &mut [u8]) -> Result<(), LongTermError> {
+        let offset = self.data_offset + block * BLOCK;
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(io_err(&self.path, "read block", offset))?;
+        for (i, data) in buf.chunks_exact(BLOCK as usize).enumerate() {
+            let block = block + i as u64;
+            let Some(BlockState::Data { crc: stored }) = self.map.get(block) else {
+                unreachable!("read_blocks reads data blocks of the map only");
+            };
+            let computed = crc32c::crc32c(data);
+            if computed != stored {
+                return Err(LongTermError::BlockCrc {
+                    path: self.path.clone(),
+                    block,
+                    stored,
+                    computed,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads and checks an image header of `kind` and the block map it names.
+fn read_header_and_map(
+    file: &File,
+    path: &Path,
+    kind: ImageKind,
+) -> Result<(ImageHeader, BlockMap), LongTermError> {
+    let format = |source| LongTermError::Format {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut raw = [0u8; IMAGE_HEADER_LEN];
+    file.read_exact_at(&mut raw, 0)
+        .map_err(io_err(path, "read image header", 0))?;
+    let header = ImageHeader::decode(&raw).map_err(format)?;
+    if header.kind != kind {
+        return Err(LongTermError::Mismatch {
+            path: path.to_path_buf(),
+            what: "image kind",
+        });
+    }
+    let len = usize::try_from(header.map_entries)
+        .ok()
+        .and_then(|n| n.checked_mul(crate::format::longterm::MAP_ENTRY_LEN))
+        .ok_or(LongTermError::Mismatch {
+            path: path.to_path_buf(),
+            what: "map size",
+        })?;
+    let mut raw_map = vec![0u8; len];
+    file.read_exact_at(&mut raw_map, header.map_offset)
+        .map_err(io_err(path, "read block map", header.map_offset))?;
+    let computed = crc32c::crc32c(&raw_map);
+    if computed != header.map_crc {
+        return Err(LongTermError::MapCrc {
+            path: path.to_path_buf(),
+            stored: header.map_crc,
+            computed,
+        });
+    }
+    let blocks = header.disk_size.div_ceil(BLOCK);
+    let entries = decode_map(&raw_map, blocks).map_err(format)?;
+    Ok((header, BlockMap::new(entries)))
+}
