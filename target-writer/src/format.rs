@@ -127,6 +127,43 @@ pub fn parse_segment_file_name(name: &str) -> Option<u64> {
     }
 }
 
+/// The file naming the journal's oldest retained segment, written before
+/// short-term retention removes segments, so that a segment missing at the
+/// start of the journal is still told from one retention removed.
+pub const FIRST_SEGMENT_FILE: &str = "first-segment";
+const FIRST_SEGMENT_MAGIC: [u8; 8] = *b"CDPJFRST";
+pub const FIRST_SEGMENT_LEN: usize = 32;
+
+/// `first-segment` (32 bytes): magic "CDPJFRST", u32 version (1), u32
+/// reserved (zero), u64 the oldest retained segment's number, u32 reserved
+/// (zero), u32 CRC32C of bytes 0..28.
+pub fn encode_first_segment(number: u64) -> [u8; FIRST_SEGMENT_LEN] {
+    let mut b = [0u8; FIRST_SEGMENT_LEN];
+    put(&mut b, 0, &FIRST_SEGMENT_MAGIC);
+    put(&mut b, 8, &VERSION.to_le_bytes());
+    put(&mut b, 16, &number.to_le_bytes());
+    let crc = crc32c::crc32c(&b[..28]);
+    put(&mut b, 28, &crc.to_le_bytes());
+    b
+}
+
+pub fn decode_first_segment(b: &[u8]) -> Result<u64, HeaderError> {
+    if b.len() != FIRST_SEGMENT_LEN {
+        return Err(HeaderError::Truncated);
+    }
+    if b[0..8] != FIRST_SEGMENT_MAGIC {
+        return Err(HeaderError::Magic(b[0..8].to_vec()));
+    }
+    let (stored, computed) = (u32_at(b, 28), crc32c::crc32c(&b[..28]));
+    if stored != computed {
+        return Err(HeaderError::Crc { stored, computed });
+    }
+    match u32_at(b, 8) {
+        VERSION => Ok(u64_at(b, 16)),
+        other => Err(HeaderError::Version(other)),
+    }
+}
+
 fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
@@ -347,6 +384,17 @@ mod tests {
             }
         );
         assert!(!err.is_damage());
+    }
+
+    #[test]
+    fn first_segment_records_round_trip_and_refuse_damage() {
+        let b = encode_first_segment(42);
+        assert_eq!(decode_first_segment(&b), Ok(42));
+        for bit in 0..FIRST_SEGMENT_LEN * 8 {
+            let mut bad = b;
+            bad[bit / 8] ^= 1 << (bit % 8);
+            assert!(decode_first_segment(&bad).is_err(), "bit {bit}");
+        }
     }
 
     #[test]

@@ -76,6 +76,14 @@ impl Journal {
             }
             removable += 1;
         }
+        if removable == 0 {
+            return Ok(0);
+        }
+        files::record_first_segment(
+            &self.dir,
+            &writer.dir_handle,
+            self.segments[removable].number,
+        )?;
         for segment in &self.segments[..removable] {
             std::fs::remove_file(&segment.path).map_err(io_err(
                 &segment.path,
@@ -83,12 +91,10 @@ impl Journal {
                 0,
             ))?;
         }
-        if removable > 0 {
-            files::sync_dir(&self.dir, &writer.dir_handle)?;
-            let gone = self.segments[removable - 1].number;
-            self.segments.drain(..removable);
-            self.points.retain(|p| p.segment > gone);
-        }
+        files::sync_dir(&self.dir, &writer.dir_handle)?;
+        let gone = self.segments[removable - 1].number;
+        self.segments.drain(..removable);
+        self.points.retain(|p| p.segment > gone);
         Ok(removable)
     }
 

@@ -9,7 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::JournalError;
-use crate::format::{segment_file_name, SegmentHeader};
+use crate::format::{encode_first_segment, segment_file_name, SegmentHeader, FIRST_SEGMENT_FILE};
 
 /// Maps an I/O error to a [`JournalError::Io`] naming `path` and `offset`.
 pub(super) fn io_err(
@@ -86,6 +86,22 @@ pub(super) fn truncate(path: &Path, len: u64) -> Result<(), JournalError> {
     let file = open_for_append(path)?;
     file.set_len(len).map_err(io_err(path, "truncate", len))?;
     file.sync_all().map_err(io_err(path, "fsync segment", len))
+}
+
+/// Records, durably, that the journal's segments now start at `number`.
+pub(super) fn record_first_segment(
+    dir: &Path,
+    dir_handle: &File,
+    number: u64,
+) -> Result<(), JournalError> {
+    let path = dir.join(FIRST_SEGMENT_FILE);
+    let tmp = dir.join(format!("{FIRST_SEGMENT_FILE}.tmp"));
+    let file = File::create(&tmp).map_err(io_err(&tmp, "create", 0))?;
+    file.write_all_at(&encode_first_segment(number), 0)
+        .map_err(io_err(&tmp, "write", 0))?;
+    file.sync_all().map_err(io_err(&tmp, "fsync", 0))?;
+    std::fs::rename(&tmp, &path).map_err(io_err(&path, "rename into place", 0))?;
+    sync_dir(dir, dir_handle)
 }
 
 /// Removes the segment at `path`, durably.

@@ -23,8 +23,8 @@ use std::path::{Path, PathBuf};
 use super::files::io_err;
 use super::{JournalError, RestorePoint, TornCause};
 use crate::format::{
-    parse_segment_file_name, EntryHeader, SegmentHeader, ENTRY_HEADER_LEN, ENTRY_MAGIC,
-    SEGMENT_HEADER_LEN,
+    decode_first_segment, parse_segment_file_name, EntryHeader, SegmentHeader, ENTRY_HEADER_LEN,
+    ENTRY_MAGIC, FIRST_SEGMENT_FILE, SEGMENT_HEADER_LEN,
 };
 
 /// Bodies are read in pieces of this size to check their CRC.
@@ -122,7 +122,7 @@ pub(super) fn scan(dir: &Path, expected: Option<Identity>) -> Result<Scan, Journ
 }
 
 /// The segment files in `dir`, in order; their numbers must run without a
-/// gap (from 1, unless short-term retention removed the oldest). Files that do not name a segment are ignored.
+/// gap from 1, or from the first one short-term retention kept. Files that do not name a segment are ignored.
 pub(super) fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalError> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io_err(dir, "list directory", 0))? {
@@ -133,7 +133,10 @@ pub(super) fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalEr
         }
     }
     found.sort_unstable();
-    let first = found.first().map_or(1, |(number, _)| *number);
+    let first = retained_from(dir)?;
+    // Older segments are what a crash left while retention removed them:
+    // no longer part of the journal.
+    found.retain(|(number, _)| *number >= first);
     for (expected, (number, path)) in (first..).zip(&found) {
         if *number != expected {
             return Err(JournalError::SegmentGap {
@@ -143,6 +146,18 @@ pub(super) fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalEr
         }
     }
     Ok(found)
+}
+
+/// The number the journal's segments start at: 1, or what short-term
+/// retention recorded in `first-segment`.
+fn retained_from(dir: &Path) -> Result<u64, JournalError> {
+    let path = dir.join(FIRST_SEGMENT_FILE);
+    match std::fs::read(&path) {
+        Ok(raw) => decode_first_segment(&raw)
+            .map_err(|source| JournalError::SegmentHeader { path, source }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(1),
+        Err(e) => Err(io_err(&path, "read", 0)(e)),
+    }
 }
 
 /// One segment file being scanned.
