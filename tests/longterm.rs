@@ -208,3 +208,106 @@ fn crash_at(dir: &Path, key: &Path, step: &str, args: &[&str]) {
     target.wait_for_log(&format!("CDP_CRASH_AT={step}"), Duration::from_secs(60));
     target.kill();
 }
+
+/// argv: URI SEED BLOCKS. Writes BLOCKS random 4 KiB blocks of random data
+/// at random block offsets, then flushes.
+const ROUND: &str = r#"
+import os, random, sys
+import nbd
+uri, seed, blocks = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rng = random.Random(seed)
+h = nbd.NBD()
+h.connect_uri(uri)
+count = h.get_size() // 4096
+for _ in range(blocks):
+    h.pwrite(os.urandom(4096), 4096 * rng.randrange(count))
+h.flush()
+h.shutdown()
+"#;
+
+/// A long run with a short schedule and tight retention: 40 rounds of 2 MiB
+/// of random writes to a 16 MiB disk (80 MiB in all) while the target rolls
+/// every second, keeps 3 long-term points and 1 s of journal. The space the
+/// target uses must level off far below what was written, and at the end
+/// the newest point equals the disk and every long-term point restores.
+#[test]
+fn retention_keeps_space_bounded_over_a_long_run() {
+    require_tools(&["python3"]);
+    let dir = scratch();
+    let disk = dir.path().join("disk.img");
+    sparse_file(&disk, 16 * MIB);
+    let mut repl = Replication::start_full(
+        dir.path(),
+        &disk,
+        &["--listen", "127.0.0.1:0"],
+        &["--rpo", RPO],
+        &[
+            "--long-term-every",
+            "1s",
+            "--short-term-retention",
+            "1s",
+            "--keep-long-term",
+            "3",
+            "--segment-size",
+            "256KiB",
+        ],
+    );
+    repl.protect().wait_for_log("full sync complete", PATIENCE);
+    let mut samples = Vec::new();
+    for round in 0..40u64 {
+        let mut cmd = python(ROUND);
+        cmd.arg(repl.uri()).arg(round.to_string()).arg("512");
+        run(&mut cmd);
+        std::thread::sleep(Duration::from_millis(700));
+        let (journal, long_term, points) = space(&repl.journal);
+        samples.push((round, journal, long_term, points));
+    }
+    repl.stop_protect();
+    let table: Vec<String> = samples
+        .iter()
+        .map(|(r, j, l, p)| format!("round {r}: journal {j} B, long-term {l} B, {p} points"))
+        .collect();
+    eprintln!("{}", table.join("\n"));
+    let worst = samples[20..]
+        .iter()
+        .map(|(_, j, l, _)| j + l)
+        .max()
+        .expect("samples");
+    // Base (16 MiB) + 3 deltas and the retained journal, each a few MiB.
+    assert!(
+        worst < 48 * MIB,
+        "space did not level off: at worst {worst} bytes after round 20 (80 MiB written)\n{}\n{}",
+        table.join("\n"),
+        repl.logs()
+    );
+    check_newest_point(&repl, dir.path(), &disk);
+    let listed = tiers(&repl.journal);
+    let long_term: Vec<u64> = listed
+        .iter()
+        .filter(|(_, t)| *t != "journal")
+        .map(|(id, _)| *id)
+        .collect();
+    assert!(
+        (1..=3).contains(&long_term.len()),
+        "--keep-long-term 3, yet {} long-term points: {listed:?}",
+        long_term.len()
+    );
+    for id in long_term {
+        let out = dir.path().join(format!("lt-{id}.img"));
+        restore(&repl.journal, &id.to_string(), &out, &repl.key);
+        std::fs::remove_file(&out).expect("remove a restored image");
+    }
+}
+
+/// Journal bytes, long-term bytes and point count from `cdp points --json`.
+fn space(dir: &Path) -> (u64, u64, usize) {
+    let text = run_stdout(cdp().arg("points").arg("--dir").arg(dir).arg("--json"));
+    let json: serde_json::Value = serde_json::from_str(&text).expect("cdp points --json");
+    let bytes = |field: &str| {
+        json[field]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no {field} in {text}"))
+    };
+    let points = json["points"].as_array().map_or(0, Vec::len);
+    (bytes("journal_bytes"), bytes("long_term_bytes"), points)
+}
