@@ -71,7 +71,7 @@ for rate in $RATES; do
   ( while kill -0 "$protect_pid" 2>/dev/null; do
       "$cdp" points --dir "$dir/target" --json 2>/dev/null | python3 -c "
 import json,sys,time
-p=json.load(sys.stdin)
+p=json.load(sys.stdin)['points']
 if p: print((time.time_ns() - p[-1]['time_ns']) / 1e9)" >>"$samples" || true
       sleep 0.1
     done ) &

@@ -180,8 +180,19 @@ impl Worker {
         }
         while let Some(plan) = self.next_roll() {
             let store = self.store.as_mut().expect("opened above");
+            let started = std::time::Instant::now();
+            let entries = plan.slice.points().len();
+            let journal_bytes: u64 = plan.slice.points().iter().map(|p| u64::from(p.body_len)).sum();
             store.roll(&plan.slice, &self.key, &plan.to, plan.tag.clone())?;
-            tracing::info!(point = plan.to.id, tag = ?plan.tag, "long-term point made");
+            let seconds = started.elapsed().as_secs_f64();
+            tracing::info!(
+                point = plan.to.id,
+                tag = ?plan.tag,
+                entries,
+                journal_bytes,
+                seconds,
+                "long-term point made"
+            );
         }
         self.expire_long_term()?;
         self.expire_short_term()
