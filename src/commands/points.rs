@@ -101,21 +101,25 @@ pub fn points(args: PointsArgs) -> Result<()> {
     Ok(())
 }
 
+/// Parses `--at`: a point id (below 1000000000), or a time (RFC 3339, or
+/// seconds since the epoch) meaning the newest point at or before it.
+pub fn parse_at(at: &str) -> Result<PointSelector> {
+    Ok(match at.parse::<u64>() {
+        Ok(id) if id < 1_000_000_000 => PointSelector::Id(id),
+        _ => match parse_time(at) {
+            Some(ns) => PointSelector::AtOrBefore(ns),
+            None => bail!(
+                "--at {at:?} is neither a point id nor a time (RFC 3339 or seconds since the epoch)"
+            ),
+        },
+    })
+}
+
 pub fn restore(args: RestoreArgs) -> Result<()> {
     let key = Key::load(&args.key)?;
     let (journal, _) = Journal::open_read_only(&args.dir)
         .with_context(|| format!("reading {}", args.dir.display()))?;
-    let selector = match args.at.parse::<u64>() {
-        Ok(id) if id < 1_000_000_000 => PointSelector::Id(id),
-        _ => match parse_time(&args.at) {
-            Some(ns) => PointSelector::AtOrBefore(ns),
-            None => bail!(
-                "--at {:?} is neither a point id nor a time (RFC 3339 or seconds since the epoch)",
-                args.at
-            ),
-        },
-    };
-    let point = restore::select(&journal, selector)?;
+    let point = restore::select(&journal, parse_at(&args.at)?)?;
     let bar = if std::io::stderr().is_terminal() {
         indicatif::ProgressBar::new(0)
     } else {
