@@ -9,10 +9,9 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use super::scan::{self, Window};
-use super::send::expect_kind;
-use super::wire::{self, Totals};
+use super::wire::{self, expect_kind, meta, Totals};
 use super::{Disk, FailbackError, Summary, CHUNK_SIZE, WINDOW_CHUNKS};
-use crate::codec::{FrameKind, FrameMeta, Opener, Sealer};
+use crate::codec::{FrameKind, Opener, Sealer};
 use crate::key::Key;
 use crate::protect::disk_id;
 use crate::session::{read_frame, Hello, Session};
@@ -71,16 +70,6 @@ fn admit(hello: &Hello, ours: &Hello, disk: &Disk) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-fn meta(kind: FrameKind, disk_id: [u8; 16], first_seq: u64, last_seq: u64) -> FrameMeta {
-    FrameMeta {
-        kind,
-        disk_id,
-        first_seq,
-        last_seq,
-        point_time_ns: 0,
-    }
 }
 
 /// Seals and sends one digests frame per window of our disk; returns the

@@ -4,9 +4,9 @@
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::scan;
-use super::wire::{self, Totals};
+use super::wire::{self, expect_kind, Totals};
 use super::{Disk, FailbackError, Summary};
-use crate::codec::{FrameKind, FrameMeta};
+use crate::codec::FrameKind;
 use crate::key::Key;
 use crate::session::{Hello, Session};
 
@@ -28,13 +28,7 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     let mut session = wire::connect(stream, key, hello).await?;
     let mut windows = scan::start(disk)?;
     let mut summary = Summary::default();
-    let meta = |kind, first_seq, last_seq| FrameMeta {
-        kind,
-        disk_id: original_id,
-        first_seq,
-        last_seq,
-        point_time_ns: 0,
-    };
+    let meta = |kind, first, last| wire::meta(kind, original_id, first, last);
     while summary.totals.windows < disk.windows() {
         let (got, body) = session.receive(stream).await?;
         expect_kind(got.kind, FrameKind::Digests)?;
@@ -91,14 +85,4 @@ async fn receive_done<S: AsyncRead + Unpin>(
     let (got, body) = session.receive(stream).await?;
     expect_kind(got.kind, FrameKind::Done)?;
     Totals::decode(&body)
-}
-
-pub(super) fn expect_kind(got: FrameKind, want: FrameKind) -> Result<(), FailbackError> {
-    if got == want {
-        Ok(())
-    } else {
-        Err(FailbackError::Protocol(format!(
-            "a {got:?} frame arrived where a {want:?} frame belongs"
-        )))
-    }
 }

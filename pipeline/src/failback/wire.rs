@@ -6,7 +6,9 @@
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{FailbackError, DIGEST_LEN};
-use crate::codec::{handshake_proof, verify_proof, Direction, Opener, Sealer, SessionSalt};
+use crate::codec::{
+    handshake_proof, verify_proof, Direction, FrameKind, FrameMeta, Opener, Sealer, SessionSalt,
+};
 use crate::key::Key;
 use crate::session::{read_status, write_status, Hello, Session};
 
@@ -150,6 +152,29 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         opener: Opener::new(key, &salt, Direction::SourceToTarget),
         salt,
     })
+}
+
+/// The header fields of a failback frame: the original disk's id, a chunk
+/// range (digests and chunks frames) or 0, 0 (done frames), no point time.
+pub fn meta(kind: FrameKind, disk_id: [u8; 16], first: u64, last: u64) -> FrameMeta {
+    FrameMeta {
+        kind,
+        disk_id,
+        first_seq: first,
+        last_seq: last,
+        point_time_ns: 0,
+    }
+}
+
+/// Refuses a frame of another kind than the one the session expects next.
+pub fn expect_kind(got: FrameKind, want: FrameKind) -> Result<(), FailbackError> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(FailbackError::Protocol(format!(
+            "a {got:?} frame arrived where a {want:?} frame belongs"
+        )))
+    }
 }
 
 /// What one side counted over a pass; the plaintext of a done frame.
