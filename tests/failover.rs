@@ -111,12 +111,18 @@ fn refusals_leave_both_disks_untouched() {
     // Failover: with the wrong key nothing is left behind; an existing file
     // is never written over.
     let b = dir.path().join("B.img");
-    let refused = fails(failover(&forward.journal, &other_key, &b));
+    let refused = fails(&mut failover(&forward.journal, &other_key, &b));
     assert!(refused.contains("wrong key file"), "{refused}");
     assert!(!b.exists() && !Path::new(&format!("{}.failover", b.display())).exists());
+    let refused = fails(failover(&forward.journal, &forward.key, &b).args(["--at", "999"]));
+    assert!(
+        refused.contains("there is no restore point 999"),
+        "{refused}"
+    );
+    assert!(!b.exists());
     let existing = dir.path().join("existing.img");
     std::fs::write(&existing, b"keep me").unwrap();
-    let refused = fails(failover(&forward.journal, &forward.key, &existing));
+    let refused = fails(&mut failover(&forward.journal, &forward.key, &existing));
     assert!(refused.contains("exists"), "{refused}");
     assert_eq!(std::fs::read(&existing).unwrap(), b"keep me");
     run(&mut failover(&forward.journal, &forward.key, &b));
@@ -149,7 +155,7 @@ fn refusals_leave_both_disks_untouched() {
     assert!(read_all(&copy) == original, "the copy was written to");
 
     // A disk cdp failover did not make has no marker to send from.
-    let refused = fails(send(&a, "127.0.0.1:9", &forward.key));
+    let refused = fails(&mut send(&a, "127.0.0.1:9", &forward.key));
     assert!(refused.contains("needs its failover marker"), "{refused}");
     assert!(read_all(&a) == original, "the original disk was written to");
 }
@@ -185,7 +191,7 @@ fn send(disk: &Path, to: &str, key: &Path) -> Command {
 }
 
 /// Runs a command that must fail; returns its stderr.
-fn fails(mut cmd: Command) -> String {
+fn fails(cmd: &mut Command) -> String {
     let output = cmd.output().expect("run cdp");
     assert!(
         !output.status.success(),
