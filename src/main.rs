@@ -41,6 +41,12 @@ enum Command {
     Points(commands::points::PointsArgs),
     /// Rebuild the disk image at a restore point.
     Restore(commands::points::RestoreArgs),
+    /// Make a disk from a restore point to run production on (and protect
+    /// back toward the original side).
+    Failover(commands::failover::FailoverArgs),
+    /// Make the original disk equal to the failover disk again, shipping
+    /// only the chunks that differ.
+    Failback(commands::failover::FailbackArgs),
 }
 
 fn main() -> Result<()> {
@@ -59,5 +65,7 @@ fn main() -> Result<()> {
         Command::Protect(args) => commands::replication::protect(args),
         Command::Points(args) => commands::points::points(args),
         Command::Restore(args) => commands::points::restore(args),
+        Command::Failover(args) => commands::failover::failover(args),
+        Command::Failback(args) => commands::failover::failback(args),
     }
 }

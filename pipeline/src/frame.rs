@@ -9,7 +9,7 @@
 //!   0  [u8; 4]  magic "CDPF"
 //!   4  u8       version (1)
 //!   5  u8       body format: 0 stored, 1 zstd
-//!   6  u8       kind: 1 batch, 2 ack
+//!   6  u8       kind: 1 batch, 2 ack; failback: 3 digests, 4 chunks, 5 done
 //!   7  u8       reserved, zero
 //!   8  [u8; 16] disk id
 //!  24  u64      first sequence number
@@ -44,6 +44,12 @@ pub enum FrameKind {
     Batch = 1,
     /// An acknowledgement, target to source.
     Ack = 2,
+    /// Failback: chunk digests of the original disk, receiver to sender.
+    Digests = 3,
+    /// Failback: the chunks whose digests differ, sender to receiver.
+    Chunks = 4,
+    /// Failback: the end of a pass and its totals, both ways.
+    Done = 5,
 }
 
 /// How the plaintext is encoded before encryption.
@@ -85,7 +91,7 @@ pub enum HeaderError {
     Version(u8),
     #[error("unknown body format {0} (0 stored, 1 zstd)")]
     Format(u8),
-    #[error("unknown frame kind {0} (1 batch, 2 ack)")]
+    #[error("unknown frame kind {0} (1 batch, 2 ack, 3 digests, 4 chunks, 5 done)")]
     Kind(u8),
     #[error("reserved byte is {0:#04x}, not zero")]
     Reserved(u8),
@@ -107,6 +113,9 @@ impl FrameKind {
         match code {
             1 => Ok(FrameKind::Batch),
             2 => Ok(FrameKind::Ack),
+            3 => Ok(FrameKind::Digests),
+            4 => Ok(FrameKind::Chunks),
+            5 => Ok(FrameKind::Done),
             other => Err(HeaderError::Kind(other)),
         }
     }
@@ -259,6 +268,7 @@ mod tests {
         assert_eq!(with(4, 2), Err(HeaderError::Version(2)));
         assert_eq!(with(5, 7), Err(HeaderError::Format(7)));
         assert_eq!(with(6, 0), Err(HeaderError::Kind(0)));
+        assert_eq!(with(6, 6), Err(HeaderError::Kind(6)));
         assert_eq!(with(7, 1), Err(HeaderError::Reserved(1)));
         assert_eq!(
             with(56, 0x10),

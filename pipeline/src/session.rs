@@ -121,7 +121,7 @@ fn check_magic_and_version(magic: [u8; 8], version: u16) -> Result<(), SessionEr
     Ok(())
 }
 
-async fn write_status<S: AsyncWrite + Unpin>(
+pub(crate) async fn write_status<S: AsyncWrite + Unpin>(
     stream: &mut S,
     status: u16,
     message: &str,
@@ -134,7 +134,9 @@ async fn write_status<S: AsyncWrite + Unpin>(
     stream.write_all(&b).await
 }
 
-async fn read_status<S: AsyncRead + Unpin>(stream: &mut S) -> Result<(u16, String), SessionError> {
+pub(crate) async fn read_status<S: AsyncRead + Unpin>(
+    stream: &mut S,
+) -> Result<(u16, String), SessionError> {
     let status = stream.read_u16().await?;
     let len = stream.read_u16().await? as usize;
     let mut message = vec![0u8; len];

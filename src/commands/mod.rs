@@ -1,5 +1,6 @@
 //! The commands, and what they share: the tokio runtime, signal handling,
 //! and the "listening on" lines scripts wait for.
+pub mod failover;
 pub mod filter;
 pub mod points;
 pub mod replication;

@@ -135,8 +135,9 @@ fn long_term_bytes_on_disk(dir: &std::path::Path) -> u64 {
         .sum()
 }
 
-/// Parses `--at`: a point id, or a time.
-pub fn parse_selector(at: &str) -> Result<PointSelector> {
+/// Parses `--at`: a point id (below 1000000000), or a time (RFC 3339, or
+/// seconds since the epoch) meaning the newest point at or before it.
+pub fn parse_at(at: &str) -> Result<PointSelector> {
     Ok(match at.parse::<u64>() {
         Ok(id) if id < 1_000_000_000 => PointSelector::Id(id),
         _ => match parse_time(at) {
@@ -152,7 +153,7 @@ pub fn restore(args: RestoreArgs) -> Result<()> {
     let key = Key::load(&args.key)?;
     let history =
         History::open(&args.dir).with_context(|| format!("reading {}", args.dir.display()))?;
-    let point = history.select(parse_selector(&args.at)?)?;
+    let point = history.select(parse_at(&args.at)?)?;
     let bar = if std::io::stderr().is_terminal() {
         indicatif::ProgressBar::new(0)
     } else {

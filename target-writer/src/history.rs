@@ -65,6 +65,7 @@ pub struct History {
     _pin: Option<crate::longterm::Pin>,
     catalog: Option<Catalog>,
     journal: Option<Journal>,
+    disk_id: [u8; 16],
     disk_size: u64,
 }
 
@@ -83,9 +84,9 @@ impl History {
         } else {
             None
         };
-        let disk_size = match (&catalog, &journal) {
-            (Some(c), _) => c.disk_size,
-            (None, Some(j)) => j.disk_size(),
+        let (disk_id, disk_size) = match (&catalog, &journal) {
+            (Some(c), _) => (c.disk_id, c.disk_size),
+            (None, Some(j)) => (j.disk_id(), j.disk_size()),
             (None, None) => unreachable!("a history without a catalog has a journal"),
         };
         Ok(History {
@@ -93,8 +94,13 @@ impl History {
             _pin: pin,
             catalog,
             journal,
+            disk_id,
             disk_size,
         })
+    }
+
+    pub fn disk_id(&self) -> [u8; 16] {
+        self.disk_id
     }
 
     pub fn disk_size(&self) -> u64 {

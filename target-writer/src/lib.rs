@@ -2,8 +2,10 @@
 //! ships. [`server`] accepts a source and appends each verified batch durably
 //! to the [`journal`] (segment layout in [`format`](mod@format)), which
 //! recovers after a crash; [`restore`] rebuilds the disk at any restore
-//! point. Delta images (long-term points under retention) come later; see
+//! point; [`failover`] makes a point into a disk production can run on.
+//! Delta images (long-term points under retention) come later; see
 //! `docs/ARCHITECTURE.md` and `docs/REPLICATION.md`.
+pub mod failover;
 pub mod format;
 pub mod history;
 pub mod journal;

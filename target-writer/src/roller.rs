@@ -182,7 +182,12 @@ impl Worker {
             let store = self.store.as_mut().expect("opened above");
             let started = std::time::Instant::now();
             let entries = plan.slice.points().len();
-            let journal_bytes: u64 = plan.slice.points().iter().map(|p| u64::from(p.body_len)).sum();
+            let journal_bytes: u64 = plan
+                .slice
+                .points()
+                .iter()
+                .map(|p| u64::from(p.body_len))
+                .sum();
             store.roll(&plan.slice, &self.key, &plan.to, plan.tag.clone())?;
             let seconds = started.elapsed().as_secs_f64();
             tracing::info!(
