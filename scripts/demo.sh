@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The main job on its embedded default: a 1 GiB file-backed disk (holding
 # some data already) protected by `cdp protect`, replicating to `cdp target`
-# on the same machine (127.0.0.1) with a fresh key. A real NBD client
-# (qemu-io) writes to it; then the restore points are listed and the newest
-# one is restored and compared with the disk byte for byte.
+# on the same machine (127.0.0.1) with a fresh key, which rolls a long-term
+# point every 2 seconds (a short schedule, for the demo). A real NBD client
+# (qemu-io) writes to it; then the restore points of both tiers are listed,
+# and the newest point and the oldest long-term point are restored and
+# compared with the disk as it was.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,7 +23,7 @@ cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; }
 trap cleanup EXIT
 wait_listening() { for _ in $(seq 200); do grep -q listening "$1" 2>/dev/null && return; sleep 0.05; done; echo "no listening line in $1" >&2; exit 1; }
 
-"$cdp" target --listen 127.0.0.1:0 --dir "$work/target" --key "$work/key" >"$work/target.out" 2>"$work/target.log" &
+"$cdp" target --listen 127.0.0.1:0 --dir "$work/target" --key "$work/key" --long-term-every 2s >"$work/target.out" 2>"$work/target.log" &
 pids+=($!)
 wait_listening "$work/target.out"
 target=$(sed -n 's/^listening on //p' "$work/target.out")
@@ -38,7 +40,9 @@ echo "== a real client writes: patterns, FUA, zeroes, discard, flush"
 qemu-io -f raw "$uri" \
   -c 'write -P 0x5a 0 4M' -c 'write -f -P 0xa5 8M 64k' -c 'write -z 16M 1M' \
   -c 'discard 1M 1M' -c 'flush' | grep -E '^(wrote|discard)'
-sleep 2
+sleep 4
+cp --sparse=always "$work/disk.img" "$work/first.img"
+second_write=$(date +%s%N)
 qemu-io -f raw "$uri" -c 'write -P 0x77 100M 8M' -c 'flush' | grep -E '^wrote'
 sleep 2
 
@@ -47,7 +51,14 @@ echo "== protect stopped: $(grep -o 'batches=[0-9]* bytes=[0-9]*' "$work/protect
 
 echo "== restore points"
 "$cdp" points --dir "$work/target"
-last=$("$cdp" points --dir "$work/target" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1]["id"])')
+last=$("$cdp" points --dir "$work/target" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["points"][-1]["id"])')
 echo "== restoring point $last"
 "$cdp" restore --dir "$work/target" --at "$last" --key "$work/key" --out "$work/restored.img"
 cmp "$work/disk.img" "$work/restored.img" && echo "restored image equals the protected disk byte for byte"
+first_lt=$("$cdp" points --dir "$work/target" --json | python3 -c '
+import json, sys
+points = json.load(sys.stdin)["points"]
+print([p["id"] for p in points if p["tier"] != "journal" and p["time_ns"] < int(sys.argv[1])][-1])' "$second_write")
+echo "== restoring long-term point $first_lt (made in the pause before the second write)"
+"$cdp" restore --dir "$work/target" --at "$first_lt" --key "$work/key" --out "$work/restored-lt.img"
+cmp "$work/first.img" "$work/restored-lt.img" && echo "it equals the disk as it was before the second write"

@@ -12,7 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use pipeline::failback::{self, Disk, Summary};
 use pipeline::key::Key;
 use target_writer::failover::{self, marker::Marker, marker::State};
-use target_writer::history::History;
+use target_writer::history::{Check, History};
 use target_writer::restore::{format_time, RestoreError};
 
 use super::points::parse_at;
@@ -65,8 +65,8 @@ pub struct FailbackArgs {
 
 pub fn failover(args: FailoverArgs) -> Result<()> {
     let key = Key::load(&args.key)?;
-    let history =
-        History::open(&args.dir).with_context(|| format!("reading {}", args.dir.display()))?;
+    let history = History::open(&args.dir, Check::WhenRead)
+        .with_context(|| format!("reading {}", args.dir.display()))?;
     let point = match &args.at {
         Some(at) => history.select(parse_at(at)?)?,
         None => history.points().pop().ok_or(RestoreError::NoPoints)?,

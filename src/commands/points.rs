@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 
 use pipeline::key::Key;
 use target_writer::format::longterm::LONGTERM_DIR;
-use target_writer::history::{History, Tier};
+use target_writer::history::{Check, History, Tier};
 use target_writer::restore::{format_time, parse_time, PointSelector};
 
 #[derive(clap::Args, Debug)]
@@ -39,8 +39,8 @@ pub struct RestoreArgs {
 }
 
 pub fn points(args: PointsArgs) -> Result<()> {
-    let history =
-        History::open(&args.dir).with_context(|| format!("reading {}", args.dir.display()))?;
+    let history = History::open(&args.dir, Check::Everything)
+        .with_context(|| format!("reading {}", args.dir.display()))?;
     let points = history.points();
     // RPO achieved at a point: how old the newest unprotected write could be
     // just before the point became durable — from the previous cut to then.
@@ -151,8 +151,8 @@ pub fn parse_at(at: &str) -> Result<PointSelector> {
 
 pub fn restore(args: RestoreArgs) -> Result<()> {
     let key = Key::load(&args.key)?;
-    let history =
-        History::open(&args.dir).with_context(|| format!("reading {}", args.dir.display()))?;
+    let history = History::open(&args.dir, Check::WhenRead)
+        .with_context(|| format!("reading {}", args.dir.display()))?;
     let point = history.select(parse_at(&args.at)?)?;
     let bar = if std::io::stderr().is_terminal() {
         indicatif::ProgressBar::new(0)

@@ -58,6 +58,13 @@ pub struct Point {
     pub ends_on_barrier: bool,
 }
 
+/// How much of the journal [`History::open`] verifies up front.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    Everything,
+    WhenRead,
+}
+
 /// A target directory's history, pinned against removal while open.
 #[derive(Debug)]
 pub struct History {
@@ -70,13 +77,20 @@ pub struct History {
 }
 
 impl History {
-    /// Opens the history in `dir` for reading; changes nothing.
-    pub fn open(dir: &Path) -> Result<History, RestoreError> {
+    /// Opens the history in `dir` for reading; changes nothing. With
+    /// [`Check::Everything`] every journal entry's body CRC is verified now
+    /// (`cdp points`, an audit); with [`Check::WhenRead`] only headers are,
+    /// and bodies when a rebuild reads them (fast however long the journal).
+    pub fn open(dir: &Path, check: Check) -> Result<History, RestoreError> {
         let longterm = dir.join(LONGTERM_DIR);
         let pin = crate::longterm::pin_shared(&longterm)?;
         let catalog = crate::longterm::load_catalog(&longterm)?;
         let journal = if dir.join(JOURNAL_DIR).is_dir() || catalog.is_none() {
-            match Journal::open_read_only(dir) {
+            let opened = match check {
+                Check::Everything => Journal::open_read_only(dir),
+                Check::WhenRead => Journal::open_index(dir),
+            };
+            match opened {
                 Ok((journal, _)) => Some(journal),
                 Err(JournalError::Empty { .. }) if catalog.is_some() => None,
                 Err(e) => return Err(e.into()),

@@ -34,7 +34,7 @@ use crate::format::{EntryHeader, SegmentHeader, ENTRY_HEADER_LEN, SEGMENT_HEADER
 use append::Writer;
 use files::io_err;
 use recovery::torn_tail;
-use scan::{Identity, Scan, Segment};
+use scan::{Bodies, Identity, Scan, Segment};
 
 /// The journal's directory inside the target's directory for a disk.
 pub const JOURNAL_DIR: &str = "journal";
@@ -157,7 +157,7 @@ impl Journal {
             points,
             torn,
             ..
-        } = scan::scan(&jdir, Some(identity))?;
+        } = scan::scan(&jdir, Some(identity), Bodies::All)?;
         let mut report = RecoveryReport {
             segments: segments.len(),
             points: points.len(),
@@ -209,17 +209,29 @@ impl Journal {
         Ok((journal, report))
     }
 
-    /// Opens the journal in `dir/journal` for reading only, for tools: takes
-    /// the disk from the first segment, verifies everything like
+    /// Opens the journal in `dir/journal` for reading only, for tools:
+    /// takes the disk from the first segment, verifies everything like
     /// [`Journal::open`], and reports a torn tail without cutting it off.
     pub fn open_read_only(dir: &Path) -> Result<(Journal, RecoveryReport), JournalError> {
+        Self::open_reading(dir, Bodies::All)
+    }
+
+    /// As [`Journal::open_read_only`], but reads only the headers (and the
+    /// newest entry's body, to tell a torn tail): fast however long the
+    /// journal is. Every other body is verified when [`Journal::read_body`]
+    /// reads it.
+    pub fn open_index(dir: &Path) -> Result<(Journal, RecoveryReport), JournalError> {
+        Self::open_reading(dir, Bodies::Last)
+    }
+
+    fn open_reading(dir: &Path, bodies: Bodies) -> Result<(Journal, RecoveryReport), JournalError> {
         let jdir = dir.join(JOURNAL_DIR);
         let Scan {
             identity,
             segments,
             points,
             torn,
-        } = scan::scan(&jdir, None)?;
+        } = scan::scan(&jdir, None, bodies)?;
         let identity = identity.ok_or_else(|| JournalError::Empty { path: jdir.clone() })?;
         let report = RecoveryReport {
             segments: segments.len(),

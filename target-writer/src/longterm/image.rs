@@ -6,6 +6,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use super::chain::MAX_RUN_BLOCKS;
 use super::error::{io_err, LongTermError};
 use crate::format::longterm::{
     decode_map, BlockState, ImageHeader, ImageKind, MapEntry, BLOCK_SIZE, IMAGE_HEADER_LEN,
@@ -36,8 +37,8 @@ impl BlockMap {
         &self.entries
     }
 
-    /// Runs of consecutive blocks in the same state, at most 256 blocks
-    /// long: `(first block, blocks, holds data)`.
+    /// Runs of consecutive blocks in the same state, at most
+    /// [`MAX_RUN_BLOCKS`] long: `(first block, blocks, holds data)`.
     pub fn runs(&self) -> impl Iterator<Item = (u64, u64, bool)> + '_ {
         let mut entries = self.entries.iter().peekable();
         std::iter::from_fn(move || {
@@ -46,7 +47,7 @@ impl BlockMap {
             let mut blocks = 1;
             while let Some(next) = entries.peek() {
                 let same = matches!(next.state, BlockState::Data { .. }) == data;
-                if !same || next.block != first.block + blocks || blocks == 256 {
+                if !same || next.block != first.block + blocks || blocks == MAX_RUN_BLOCKS {
                     break;
                 }
                 blocks += 1;
