@@ -189,18 +189,23 @@ probe
 
 mountpoint=$(mktemp -d "$state/fuse.XXXXXX")
 log=$mountpoint.log
-# Its own session, so it outlives this script and its terminal.
-setsid nbdfuse "$mountpoint" "$uri" </dev/null >"$log" 2>&1 &
-pid=$!
+pidfile=$mountpoint.pid
+# In its own session, so that it outlives this script and its terminal;
+# setsid -w lives as long as nbdfuse (if it has to fork at all), and
+# nbdfuse writes its own PID once it serves.
+setsid -w nbdfuse -P "$pidfile" "$mountpoint" "$uri" </dev/null >"$log" 2>&1 &
+watch=$!
+pid=""
 undo() {
 	fusermount3 -u -q "$mountpoint" 2>/dev/null || true
-	kill "$pid" 2>/dev/null || true
+	[ -z "$pid" ] || kill "$pid" 2>/dev/null || true
+	kill "$watch" 2>/dev/null || true
 	rmdir "$mountpoint" 2>/dev/null || true
-	rm -f "$log"
+	rm -f "$log" "$pidfile"
 }
 tries=0
-until [ -s "$mountpoint/nbd" ]; do
-	if ! kill -0 "$pid" 2>/dev/null; then
+until [ -s "$pidfile" ] && [ -s "$mountpoint/nbd" ]; do
+	if ! kill -0 "$watch" 2>/dev/null; then
 		why=$(cat "$log")
 		undo
 		die "nbdfuse $uri failed: $why"
@@ -212,6 +217,7 @@ until [ -s "$mountpoint/nbd" ]; do
 	fi
 	sleep 0.1
 done
+pid=$(cat "$pidfile")
 if [ -n "$device" ]; then
 	losetup --direct-io=on "$device" "$mountpoint/nbd" 2>"$log.losetup" || {
 		why=$(cat "$log.losetup")

@@ -134,5 +134,5 @@ while [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = nbdfuse ]; do
 	sleep 0.1
 done
 rmdir "$mountpoint" 2>/dev/null || true
-rm -f "$mountpoint.log" "$state/$name"
+rm -f "$mountpoint.log" "$mountpoint.pid" "$state/$name"
 echo "detached $device" >&2

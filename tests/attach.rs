@@ -345,7 +345,8 @@ fn detach_refuses_a_busy_device() {
     let state = dir.path().join("state");
     let disk = dir.path().join("disk.img");
     sparse_file(&disk, SIZE);
-    let filter = Filter::tcp(&disk, &[]);
+    // Over a Unix socket (nbd+unix:///?socket=PATH) this time.
+    let filter = Filter::unix(&disk, &[]);
     let attached = Attached::new(&filter.uri, &state);
 
     // Held open by this process.
