@@ -40,6 +40,17 @@ die() {
 }
 
 [ $# -ge 1 ] && [ $# -le 2 ] || die "usage: $0 URI [DEVICE]"
+for setting in CDP_ATTACH_TIMEOUT CDP_ATTACH_CONNECTIONS CDP_ATTACH_BLOCK_SIZE; do
+	eval "value=\${$setting:-}"
+	case "$value" in
+	*[!0-9]*) die "$setting=$value is not a number" ;;
+	esac
+done
+case "${CDP_ATTACH_BLOCK_SIZE:-512}" in
+512 | 1024 | 2048 | 4096) ;;
+*) die "CDP_ATTACH_BLOCK_SIZE must be 512, 1024, 2048 or 4096" ;;
+esac
+[ "${CDP_ATTACH_CONNECTIONS:-1}" -ge 1 ] || die "CDP_ATTACH_CONNECTIONS must be at least 1"
 uri=$1
 device=${2:-}
 
@@ -156,7 +167,7 @@ if [ "$mode" = nbd ]; then
 		set -- "$host" "$port" "$device" "$@"
 	fi
 	if ! out=$(nbd-client "$@" 2>&1); then
-		die "nbd-client $* failed (is the export $uri reachable?):
+		die "nbd-client $* failed: the export $uri is unreachable or refused the connection:
 $out"
 	fi
 	echo "$out" >&2
