@@ -701,6 +701,53 @@ pub fn files_differ(a: &Path, b: &Path) -> Option<String> {
 }
 
 // ---------------------------------------------------------------------------
+// Capture logs
+// ---------------------------------------------------------------------------
+
+/// Records in a capture log, by kind.
+#[derive(Debug, Default)]
+pub struct RecordCounts {
+    pub writes: u64,
+    pub trims: u64,
+    pub zeroes: u64,
+    pub flushes: u64,
+}
+
+impl RecordCounts {
+    pub fn total(&self) -> u64 {
+        self.writes + self.trims + self.zeroes + self.flushes
+    }
+}
+
+/// Walks the capture log's record headers (layout in docs/FORMATS.md; CRCs
+/// are left to `cdp replay`) and counts records by kind.
+pub fn count_records(log: &Path) -> RecordCounts {
+    const FILE_HEADER: usize = 64;
+    const RECORD_HEADER: usize = 48;
+    let bytes = read_all(log);
+    assert_eq!(&bytes[..8], b"CDPCAPLG", "capture log magic");
+    let mut counts = RecordCounts::default();
+    let mut at = FILE_HEADER;
+    while at < bytes.len() {
+        let head = bytes
+            .get(at..at + RECORD_HEADER)
+            .unwrap_or_else(|| panic!("capture log ends inside a record header at {at}"));
+        assert_eq!(&head[..4], b"CREC", "record magic at offset {at}");
+        let payload = u32::from_le_bytes(head[32..36].try_into().expect("4 bytes")) as usize;
+        match head[4] {
+            1 => counts.writes += 1,
+            2 => counts.trims += 1,
+            3 => counts.zeroes += 1,
+            4 => counts.flushes += 1,
+            kind => panic!("unknown record kind {kind} at offset {at}"),
+        }
+        at += RECORD_HEADER + payload;
+    }
+    assert_eq!(at, bytes.len(), "capture log ends inside a record payload");
+    counts
+}
+
+// ---------------------------------------------------------------------------
 // Replication: keys, restore points, restores
 // ---------------------------------------------------------------------------
 
