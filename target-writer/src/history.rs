@@ -14,7 +14,6 @@
 //! does not remove what this reads until the [`History`] is dropped.
 
 use std::fs::OpenOptions;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use pipeline::key::Key;
@@ -363,32 +362,46 @@ impl History {
         let layer_bytes: u64 = image.layers().iter().map(|l| l.map().data_bytes()).sum();
         let tail_bytes: u64 = tail.iter().map(|p| u64::from(p.body_len)).sum();
         let total = layer_bytes + tail_bytes;
-        let mut done = 0;
-        let mut buf = Vec::new();
-        const BLOCK: u64 = BLOCK_SIZE as u64;
-        for run in image.runs() {
-            let Some(layer) = run.layer else { continue };
-            let offset = run.first_block * BLOCK;
-            let len = (run.blocks * BLOCK).min(self.disk_size - offset);
-            buf.resize((run.blocks * BLOCK) as usize, 0);
-            image.layers()[layer].read_blocks(run.first_block, &mut buf)?;
-            out_file
-                .write_all_at(&buf[..len as usize], offset)
-                .map_err(output(out, "write"))?;
-            done += run.blocks * BLOCK;
-            progress(done.min(layer_bytes), total);
-        }
-        let journal = self.journal.as_ref();
-        for entry in &tail {
-            let journal = journal.expect("a tail comes from the journal");
-            read_batch(journal, key, entry)?
-                .apply(out_file)
-                .map_err(output(out, "write"))?;
-            done += u64::from(entry.body_len);
-            progress(done.min(total), total);
-        }
-        Ok(())
+        crate::longterm::copy_layers(&image, out_file, out, |done| {
+            progress(done.min(layer_bytes), total)
+        })?;
+        let Some(journal) = self.journal.as_ref().filter(|_| !tail.is_empty()) else {
+            return Ok(());
+        };
+        // One thread reads, decrypts and decodes the next entries while this
+        // one applies the current; writeback starts after each entry, so the
+        // final fsync does not wait for the whole image.
+        let (batches_tx, batches_rx) = std::sync::mpsc::sync_channel(2);
+        std::thread::scope(|scope| {
+            let decoder = scope.spawn(move || {
+                for entry in &tail {
+                    let batch = read_batch(journal, key, entry);
+                    let failed = batch.is_err();
+                    if batches_tx.send((entry.body_len, batch)).is_err() || failed {
+                        return;
+                    }
+                }
+            });
+            let mut done = layer_bytes;
+            for (body_len, batch) in batches_rx {
+                batch?.apply(out_file).map_err(output(out, "write"))?;
+                start_writeback(out_file);
+                done += u64::from(body_len);
+                progress(done.min(total), total);
+            }
+            decoder.join().expect("the decoder does not panic");
+            Ok(())
+        })
     }
+}
+
+/// Starts writing the file's dirty pages back without waiting for them.
+fn start_writeback(file: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sync_file_range reads only its integer arguments; `file` stays
+    // open for the call because it is borrowed. Offset 0 and length 0 mean
+    // the whole file.
+    unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
 }
 
 fn output(path: &Path, op: &'static str) -> impl FnOnce(std::io::Error) -> RestoreError {

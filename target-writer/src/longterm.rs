@@ -8,11 +8,12 @@
 //!
 //! Inside: `store` is the target's writer (roll, merge, recovery), `image`
 //! one layer read back, `builder` writes a layer, `chain` reads a point
-//! through its layers, `files` the durable file-system steps and the pin that
+//! through its layers, `copy` writes a point's layers into an image, `files` the durable file-system steps and the pin that
 //! keeps readers safe from removals, `error` the errors.
 
 mod builder;
 mod chain;
+mod copy;
 mod error;
 mod files;
 mod image;
@@ -20,6 +21,7 @@ mod store;
 
 pub(crate) use builder::ImageBuilder;
 pub use chain::{PointImage, Run};
+pub use copy::copy_layers;
 pub use error::LongTermError;
 pub use files::{load_catalog, pin_shared, Pin};
 pub use image::{BlockMap, Layer};
