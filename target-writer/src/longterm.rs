@@ -18,6 +18,8 @@ mod error;
 mod files;
 mod image;
 mod store;
+#[cfg(test)]
+mod tests;
 
 pub(crate) use builder::ImageBuilder;
 pub use chain::{PointImage, Run};

@@ -248,13 +248,15 @@ impl Worker {
             if catalog.deltas.is_empty() {
                 return Ok(());
             }
+            // A merge a crash (or a reader's pin) left unfinished comes first.
+            let unfinished = catalog.merging.is_some();
             let count = catalog.deltas.len() + 1;
             let too_many = self.options.keep.is_some_and(|keep| count > keep.max(1));
             let too_old = self
                 .options
                 .long_term
                 .is_some_and(|age| base.point.received_time_ns.saturating_add(ns(age)) < now_ns());
-            if !too_many && !too_old {
+            if !too_many && !too_old && !unfinished {
                 return Ok(());
             }
             let expiring = base.point.entry_id;

@@ -86,6 +86,7 @@ impl LongTermStore {
         store.remove_orphans()?;
         if let Some(number) = store.catalog.merging {
             tracing::warn!(delta = number, "finishing a merge a crash interrupted");
+            // Deferred (and retried by retention) while a reader holds the pin.
             store.merge_oldest()?;
         }
         Ok(store)
