@@ -24,9 +24,10 @@ pub struct RestoreArgs {
     /// The target's directory.
     #[arg(long)]
     dir: PathBuf,
-    /// A point id from `cdp points`, or a time (RFC 3339 such as
+    /// A point id from `cdp points`, a time (RFC 3339 such as
     /// 2026-11-23T04:13:00.123Z, or seconds since the epoch): the newest point
-    /// at or before it. Numbers below 1000000000 are point ids.
+    /// at or before it, or tag:NAME: the newest point tagged NAME (`cdp
+    /// point`). Numbers below 1000000000 are point ids.
     #[arg(long)]
     at: String,
     /// The image to create (sparse; must not exist).
@@ -69,6 +70,7 @@ pub fn points(args: PointsArgs) -> Result<()> {
                     "bytes": p.body_len,
                     "ends_on_barrier": p.ends_on_barrier,
                     "rpo_ms": rpo_ms,
+                    "tag": journal.tag(p.id),
                 })
             })
             .collect();
@@ -76,18 +78,19 @@ pub fn points(args: PointsArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:>6}  {:<24}  {:>21}  {:>10}  {:>9}  barrier",
-        "id", "time", "sequence", "bytes", "rpo ms"
+        "{:>6}  {:<24}  {:>21}  {:>10}  {:>9}  {:<7}  tag",
+        "id", "time", "sequence", "bytes", "rpo ms", "barrier"
     );
     for (p, rpo_ms) in &rows {
         println!(
-            "{:>6}  {:<24}  {:>21}  {:>10}  {:>9.1}  {}",
+            "{:>6}  {:<24}  {:>21}  {:>10}  {:>9.1}  {:<7}  {}",
             p.id,
             format_time(p.point_time_ns),
             format!("{}..{}", p.first_seq, p.last_seq),
             p.body_len,
             rpo_ms,
-            if p.ends_on_barrier { "yes" } else { "" }
+            if p.ends_on_barrier { "yes" } else { "" },
+            journal.tag(p.id).unwrap_or_default()
         );
     }
     let oldest = rows
@@ -105,12 +108,14 @@ pub fn restore(args: RestoreArgs) -> Result<()> {
     let key = Key::load(&args.key)?;
     let (journal, _) = Journal::open_read_only(&args.dir)
         .with_context(|| format!("reading {}", args.dir.display()))?;
-    let selector = match args.at.parse::<u64>() {
-        Ok(id) if id < 1_000_000_000 => PointSelector::Id(id),
-        _ => match parse_time(&args.at) {
+    let selector = match (args.at.strip_prefix("tag:"), args.at.parse::<u64>()) {
+        (Some(name), _) => PointSelector::Tag(name.to_string()),
+        (None, Ok(id)) if id < 1_000_000_000 => PointSelector::Id(id),
+        (None, _) => match parse_time(&args.at) {
             Some(ns) => PointSelector::AtOrBefore(ns),
             None => bail!(
-                "--at {:?} is neither a point id nor a time (RFC 3339 or seconds since the epoch)",
+                "--at {:?} is neither a point id, a time (RFC 3339 or seconds since the epoch) \
+                 nor tag:NAME",
                 args.at
             ),
         },
@@ -126,8 +131,12 @@ pub fn restore(args: RestoreArgs) -> Result<()> {
         bar.set_position(done);
     })?;
     bar.finish_and_clear();
+    let tag = journal
+        .tag(point.id)
+        .map(|tag| format!(", tag {tag:?}"))
+        .unwrap_or_default();
     println!(
-        "restored point {} ({}, seq {}..{}) to {}",
+        "restored point {} ({}, seq {}..{}{tag}) to {}",
         point.id,
         format_time(point.point_time_ns),
         point.first_seq,

@@ -68,6 +68,7 @@ pub fn target(args: TargetArgs) -> Result<()> {
         dir: args.dir,
         key,
         journal: JournalOptions::default(),
+        on_tagged_point: None,
     };
     super::run_until_signal(|shutdown| async move {
         server::run(config, shutdown, |addr| {

@@ -18,7 +18,8 @@
 //! entry header (64 bytes), followed by `body length` bytes of body
 //!   0  u32      magic "CJEN" (0x4e454a43 read as little-endian u32)
 //!   4  u8       kind: 1 replicated batch
-//!   5  u8       flags: bit 0 the batch ends on a barrier; others zero
+//!   5  u8       flags: bit 0 the batch ends on a barrier; bit 1 cut during a
+//!               full sync; bit 2 tagged; others zero
 //!   6  u16      reserved, zero
 //!   8  u64      entry id (consecutive across segments, from 1)
 //!  16  u64      first capture sequence number in the batch
@@ -29,7 +30,11 @@
 //!  52  u32      CRC32C of the body
 //!  56  u32      reserved, zero
 //!  60  u32      CRC32C of bytes 0..60
+//! entry body: if tagged, u8 tag length (1..=255) and the tag (UTF-8);
+//!   then the 64-byte session salt and the encrypted frame
 //! ```
+
+use filter::capture::{Tag, TagError};
 
 pub const SEGMENT_MAGIC: [u8; 8] = *b"CDPJSEG\0";
 pub const VERSION: u32 = 1;
@@ -37,10 +42,14 @@ pub const SEGMENT_HEADER_LEN: usize = 64;
 pub const ENTRY_MAGIC: u32 = u32::from_le_bytes(*b"CJEN");
 pub const ENTRY_HEADER_LEN: usize = 64;
 /// The only entry kind of version 1: one replicated batch, whose body is a
-/// 64-byte session salt followed by an encrypted frame (opaque here).
+/// 64-byte session salt followed by an encrypted frame (opaque here), after
+/// the tag field (see [`encode_tag_field`]) if the entry is tagged.
 pub const KIND_BATCH: u8 = 1;
 const FLAG_BARRIER: u8 = 1;
 const FLAG_IN_SYNC: u8 = 2;
+const FLAG_TAGGED: u8 = 4;
+/// The most bytes a tagged body starts with before its salt: length and tag.
+pub const TAG_FIELD_MAX: usize = 1 + filter::capture::MAX_TAG_LEN;
 /// Both headers end in the CRC32C of everything before it.
 const CRC_AT: usize = 60;
 
@@ -60,6 +69,8 @@ pub struct EntryHeader {
     /// Cut before the source's full sync completed: applied by restores of
     /// later points, but not a restore point itself.
     pub in_sync: bool,
+    /// The body starts with a tag: an application-consistent point.
+    pub tagged: bool,
     pub id: u64,
     pub first_seq: u64,
     pub last_seq: u64,
@@ -86,6 +97,35 @@ pub enum HeaderError {
     Flags(u8),
     #[error("sequence range {first_seq}..={last_seq} is reversed")]
     SeqRange { first_seq: u64, last_seq: u64 },
+}
+
+/// Why a tagged entry's body does not start with a valid tag.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TagFieldError {
+    #[error("a tag of {len} bytes does not fit in a body of {body_len}")]
+    Short { len: usize, body_len: usize },
+    #[error(transparent)]
+    Invalid(#[from] TagError),
+}
+
+/// The start of a tagged entry's body: the tag's length, then the tag.
+pub fn encode_tag_field(tag: &Tag) -> Vec<u8> {
+    let mut field = Vec::with_capacity(1 + tag.as_str().len());
+    field.push(tag.len_byte());
+    field.extend_from_slice(tag.as_str().as_bytes());
+    field
+}
+
+/// Reads the tag a tagged entry's body starts with; `start` is the body,
+/// or at least its first [`TAG_FIELD_MAX`] bytes. Returns the tag and the
+/// bytes its field takes.
+pub fn decode_tag_field(start: &[u8]) -> Result<(Tag, usize), TagFieldError> {
+    let len = start.first().map_or(0, |&len| usize::from(len));
+    let field = start.get(1..1 + len).ok_or(TagFieldError::Short {
+        len,
+        body_len: start.len(),
+    })?;
+    Ok((Tag::from_bytes(field)?, 1 + len))
 }
 
 impl HeaderError {
@@ -179,11 +219,10 @@ impl EntryHeader {
         let mut b = [0u8; ENTRY_HEADER_LEN];
         put(&mut b, 0, &ENTRY_MAGIC.to_le_bytes());
         b[4] = KIND_BATCH;
-        b[5] = if self.ends_on_barrier {
-            FLAG_BARRIER
-        } else {
-            0
-        } | if self.in_sync { FLAG_IN_SYNC } else { 0 };
+        let flag = |set: bool, bit: u8| if set { bit } else { 0 };
+        b[5] = flag(self.ends_on_barrier, FLAG_BARRIER)
+            | flag(self.in_sync, FLAG_IN_SYNC)
+            | flag(self.tagged, FLAG_TAGGED);
         put(&mut b, 8, &self.id.to_le_bytes());
         put(&mut b, 16, &self.first_seq.to_le_bytes());
         put(&mut b, 24, &self.last_seq.to_le_bytes());
@@ -203,12 +242,13 @@ impl EntryHeader {
         if b[4] != KIND_BATCH {
             return Err(HeaderError::Kind(b[4]));
         }
-        if b[5] & !(FLAG_BARRIER | FLAG_IN_SYNC) != 0 {
+        if b[5] & !(FLAG_BARRIER | FLAG_IN_SYNC | FLAG_TAGGED) != 0 {
             return Err(HeaderError::Flags(b[5]));
         }
         let header = EntryHeader {
             ends_on_barrier: b[5] & FLAG_BARRIER != 0,
             in_sync: b[5] & FLAG_IN_SYNC != 0,
+            tagged: b[5] & FLAG_TAGGED != 0,
             id: u64_at(b, 8),
             first_seq: u64_at(b, 16),
             last_seq: u64_at(b, 24),
@@ -241,6 +281,7 @@ mod tests {
         EntryHeader {
             ends_on_barrier: true,
             in_sync: false,
+            tagged: true,
             id: 3,
             first_seq: 100,
             last_seq: 164,
@@ -263,12 +304,13 @@ mod tests {
     proptest! {
         #[test]
         fn entry_headers_round_trip(
-            barrier: bool, in_sync: bool, id: u64, first_seq: u64, span: u64,
+            barrier: bool, in_sync: bool, tagged: bool, id: u64, first_seq: u64, span: u64,
             point: u64, received: u64, body_len: u32, body_crc: u32,
         ) {
             let header = EntryHeader {
                 ends_on_barrier: barrier,
                 in_sync,
+                tagged,
                 id,
                 first_seq,
                 last_seq: first_seq.saturating_add(span),
@@ -331,6 +373,35 @@ mod tests {
             }
         );
         assert!(!err.is_damage());
+    }
+
+    #[test]
+    fn tag_fields_round_trip_and_bad_ones_are_refused() {
+        let tag = Tag::new("before-upgrade").unwrap();
+        let mut body = encode_tag_field(&tag);
+        assert_eq!(body[0], 14);
+        body.extend_from_slice(&[7; 64]);
+        assert_eq!(decode_tag_field(&body), Ok((tag, 15)));
+        let short = TagFieldError::Short {
+            len: 14,
+            body_len: 10,
+        };
+        assert_eq!(decode_tag_field(&body[..10]), Err(short));
+        assert_eq!(
+            decode_tag_field(&[]),
+            Err(TagFieldError::Short {
+                len: 0,
+                body_len: 0
+            })
+        );
+        assert_eq!(
+            decode_tag_field(&[0, 1, 2]),
+            Err(TagFieldError::Invalid(TagError::Empty))
+        );
+        assert_eq!(
+            decode_tag_field(&[2, b'a', 0xff]),
+            Err(TagFieldError::Invalid(TagError::NotUtf8(1)))
+        );
     }
 
     #[test]

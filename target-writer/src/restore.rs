@@ -1,5 +1,5 @@
 //! Rebuilding a disk image from the journal: which entries are restore
-//! points, how a point is chosen by id or time, and the rebuild itself
+//! points, how a point is chosen by id, time or tag, and the rebuild itself
 //! (a sparse image of the disk's size, every batch up to the point applied
 //! in order, frames decrypted with the key file and the salt stored beside
 //! each one).
@@ -18,13 +18,15 @@ use crate::journal::{Journal, JournalError, RestorePoint};
 pub const SALT_LEN: usize = 64;
 
 /// How a user names a point.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PointSelector {
     /// A restore point id, as `cdp points` shows it.
     Id(u64),
     /// The newest point at or before this time (ns since the epoch, the
     /// source's clock).
     AtOrBefore(u64),
+    /// The newest tagged point of this name.
+    Tag(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +37,8 @@ pub enum RestoreError {
     NoPoints,
     #[error("there is no restore point {0}; `cdp points` lists them")]
     UnknownPoint(u64),
+    #[error("no restore point is tagged {0:?}; `cdp points` lists the tags")]
+    UnknownTag(String),
     #[error("{requested} is before the first restore point ({first})")]
     TooEarly { requested: String, first: String },
     #[error("entry {id}: its body is shorter than a session salt")]
@@ -90,6 +94,12 @@ pub fn select(journal: &Journal, selector: PointSelector) -> Result<RestorePoint
                 requested: format_time(time_ns),
                 first: format_time(first.point_time_ns),
             }),
+        PointSelector::Tag(name) => points
+            .iter()
+            .rev()
+            .find(|p| journal.tag(p.id) == Some(name.as_str()))
+            .copied()
+            .ok_or(RestoreError::UnknownTag(name)),
     }
 }
 

@@ -6,7 +6,8 @@
 //! (authenticity, replay, disk, sequence), appends it to the journal —
 //! which fdatasyncs — and only then acknowledges it. A batch the journal
 //! already holds (a resend after a reconnect) is acknowledged without being
-//! written twice.
+//! written twice. A tagged batch is journaled with its tag, and once it is
+//! acknowledged the [`TaggedPointHook`], if any, hears of it.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -33,6 +34,27 @@ pub struct TargetConfig {
     pub dir: PathBuf,
     pub key: Key,
     pub journal: JournalOptions,
+    /// Told of every tagged point as soon as it is journaled.
+    pub on_tagged_point: Option<TaggedPointHook>,
+}
+
+/// Called with the entry id of each newly journaled tagged point (an
+/// application-consistent point), once it is durable and acknowledged: for
+/// instance to keep it as a long-term point at once. It runs on the source
+/// connection's task, so it should hand work off rather than do it.
+#[derive(Clone)]
+pub struct TaggedPointHook(Arc<dyn Fn(u64) + Send + Sync>);
+
+impl TaggedPointHook {
+    pub fn new(hook: impl Fn(u64) + Send + Sync + 'static) -> Self {
+        TaggedPointHook(Arc::new(hook))
+    }
+}
+
+impl std::fmt::Debug for TaggedPointHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TaggedPointHook")
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -211,10 +233,16 @@ async fn serve_source(
         let mut body = Vec::with_capacity(SALT_LEN + frame.len());
         body.extend_from_slice(&session.salt.to_bytes());
         body.extend_from_slice(&frame);
-        let next_seq = tokio::task::block_in_place(|| append(journal, &meta, &batch, &body))?;
+        let (next_seq, tagged) =
+            tokio::task::block_in_place(|| append(journal, &meta, batch, &body))?;
         session
             .send_ack(&mut stream, hello.disk_id, next_seq)
             .await?;
+        if let Some(id) = tagged {
+            if let Some(TaggedPointHook(hook)) = &config.on_tagged_point {
+                hook(id);
+            }
+        }
     }
 }
 
@@ -245,19 +273,20 @@ fn admit(
 }
 
 /// Appends one verified batch unless the journal already holds it; returns
-/// the next sequence number the target expects.
+/// the next sequence number the target expects and, if the batch was
+/// appended as a tagged point, its entry id.
 fn append(
     journal: &SharedJournal,
     meta: &FrameMeta,
-    batch: &Batch,
+    batch: Batch,
     body: &[u8],
-) -> Result<u64, ConnectionError> {
+) -> Result<(u64, Option<u64>), ConnectionError> {
     let mut guard = journal.lock().unwrap_or_else(PoisonError::into_inner);
     let journal = guard.as_mut().expect("an admitted source has a journal");
     let next = journal.last_seq().map_or(0, |last| last + 1);
     let (first, last) = (meta.first_seq, meta.last_seq);
     if last < next {
-        return Ok(next);
+        return Ok((next, None));
     }
     if first < next {
         return Err(ConnectionError::Overlap {
@@ -279,7 +308,11 @@ fn append(
         point_time_ns: meta.point_time_ns,
         ends_on_barrier: batch.ends_on_barrier,
         in_sync: batch.in_sync,
+        tag: batch.tag,
     };
-    journal.append(batch_meta, body)?;
-    Ok(last + 1)
+    let point = journal.append(batch_meta, body)?;
+    if let Some(tag) = journal.tag(point.id) {
+        tracing::info!(id = point.id, seq = last, tag, "tagged point journaled");
+    }
+    Ok((last + 1, point.tagged.then_some(point.id)))
 }

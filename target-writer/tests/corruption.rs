@@ -208,3 +208,39 @@ fn a_damaged_header_is_corruption_however_far_away_the_next_entry_is() {
     });
     assert!(matches!(err, JournalError::EntryHeader { .. }), "{err}");
 }
+
+/// A tagged entry whose tag field is bad (no tag, not UTF-8, a control
+/// character, longer than the body), though every CRC checks out: what a
+/// faulty writer would leave. It is corruption, reported where the entry is.
+#[test]
+fn a_tagged_entry_with_a_bad_tag_is_corruption_even_with_good_crcs() {
+    use std::os::unix::fs::FileExt;
+    let (src, points) = pristine();
+    let point = *points.iter().find(|p| p.tagged).expect("a tagged point");
+    assert!(
+        point.body_len < 255,
+        "the body must be shorter than the longest tag"
+    );
+    for (at, value) in [(0, 0), (2, 0xff), (1, b'\n'), (0, 255)] {
+        let err = refused(src.path(), (point.segment, point.offset), |dir| {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(segment_path(dir, point.segment))
+                .unwrap();
+            let mut raw = [0u8; ENTRY_HEADER_LEN];
+            file.read_exact_at(&mut raw, point.offset).unwrap();
+            let mut header = EntryHeader::decode(&raw).unwrap();
+            let mut body = vec![0u8; point.body_len as usize];
+            file.read_exact_at(&mut body, point.offset + ENTRY).unwrap();
+            body[at] = value;
+            header.body_crc = crc32c::crc32c(&body);
+            file.write_all_at(&header.encode(), point.offset).unwrap();
+            file.write_all_at(&body, point.offset + ENTRY).unwrap();
+        });
+        assert!(
+            matches!(err, JournalError::TagField { id, .. } if id == point.id),
+            "byte {at} = {value}: {err}"
+        );
+    }
+}
