@@ -1,6 +1,7 @@
 //! The commands, and what they share: the tokio runtime, signal handling,
 //! and the "listening on" lines scripts wait for.
 pub mod filter;
+pub mod point;
 pub mod points;
 pub mod replication;
 
