@@ -212,7 +212,7 @@ fn thaw_runs_whenever_quiesce_ran_and_failures_are_told_apart() {
     let pid = repl.protect().pid();
     let kill = with_hooks(&dying, &format!("; kill -9 {pid}; sleep 0.5"), "");
     let run = cdp_point(&control, "never", &strs(&kill));
-    run.assert_failed(1, "no point inserted");
+    run.assert_failed(1, "closed the connection");
     assert_eq!(marks(&dying), ["quiesce", "thaw"], "{run}");
     let mut dead = repl.protect.take().expect("protect was running");
     repl.protect_log = dead.kill();

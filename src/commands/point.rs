@@ -5,7 +5,8 @@
 //! target holds the point.
 //!
 //! Exit status: 0 the point is durable on the target; 1 no point was
-//! inserted (protect unreachable, refused, or gone); 2 usage (a bad tag
+//! inserted, or none confirmed (protect unreachable, refused, or gone); 2
+//! usage (a bad tag
 //! too); 3 the quiesce command failed (no point; thaw ran); 4 the thaw
 //! command failed (the message says what became of the point); 5 the point
 //! was inserted but the target did not confirm it within --timeout (it
@@ -103,7 +104,7 @@ async fn tagged_point(args: &PointArgs, shutdown: &CancellationToken) -> Result<
     let thawed = thaw(args).await;
     let durable = match inserted {
         Ok(()) => durable(&mut client, args, shutdown).await,
-        Err(e) => Err(Failure::new(NO_POINT, format!("{e}; no point inserted"))),
+        Err(e) => Err(Failure::new(NO_POINT, e)),
     };
     match (durable, thawed) {
         (durable, Ok(())) => durable,
@@ -115,21 +116,26 @@ async fn tagged_point(args: &PointArgs, shutdown: &CancellationToken) -> Result<
     }
 }
 
-/// Asks protect for the point and waits until it is in the capture stream.
+/// Asks protect for the point and waits until it is in the capture stream;
+/// the error is the whole message.
 async fn insert(
     client: &mut ControlClient,
     args: &PointArgs,
     shutdown: &CancellationToken,
 ) -> Result<(), String> {
+    let unconfirmed = |why: String| format!("{why}; the point was not confirmed inserted");
     let request = Request::Tag {
         tag: args.tag.clone(),
         timeout: args.timeout,
     };
-    client.send(&request).await.map_err(|e| e.to_string())?;
+    client
+        .send(&request)
+        .await
+        .map_err(|e| unconfirmed(e.to_string()))?;
     let reply = tokio::select! {
-        reply = client.reply(args.timeout) => reply.map_err(|e| e.to_string())?,
+        reply = client.reply(args.timeout) => reply.map_err(|e| unconfirmed(e.to_string()))?,
         () = shutdown.cancelled() => {
-            return Err("interrupted before cdp protect answered (it may still insert the point)".into())
+            return Err(unconfirmed("interrupted before cdp protect answered".into()))
         }
     };
     match reply {
@@ -137,8 +143,10 @@ async fn insert(
             tracing::info!(tag = %args.tag, capture_seq, "point inserted; thawing");
             Ok(())
         }
-        Reply::Error(e) => Err(format!("cdp protect refused the point: {e}")),
-        Reply::Durable { .. } => Err("cdp protect answered out of order".into()),
+        Reply::Error(e) => Err(format!(
+            "cdp protect refused the point: {e}; no point inserted"
+        )),
+        Reply::Durable { .. } => Err(unconfirmed("cdp protect answered out of order".into())),
     }
 }
 

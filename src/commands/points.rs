@@ -114,8 +114,8 @@ pub fn restore(args: RestoreArgs) -> Result<()> {
         (None, _) => match parse_time(&args.at) {
             Some(ns) => PointSelector::AtOrBefore(ns),
             None => bail!(
-                "--at {:?} is neither a point id, a time (RFC 3339 or seconds since the epoch) \
-                 nor tag:NAME",
+                "--at {:?} is neither a point id nor a time (RFC 3339 or seconds since the \
+                 epoch), nor tag:NAME",
                 args.at
             ),
         },

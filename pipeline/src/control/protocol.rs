@@ -92,30 +92,33 @@ pub enum ErrorCode {
     ShuttingDown,
 }
 
-const CODES: [(ErrorCode, &str); 8] = [
-    (ErrorCode::BadRequest, "bad_request"),
-    (ErrorCode::Version, "version"),
-    (ErrorCode::BadTag, "bad_tag"),
-    (ErrorCode::FullSync, "full_sync"),
-    (ErrorCode::Capture, "capture"),
-    (ErrorCode::Timeout, "timeout"),
-    (ErrorCode::Replication, "replication"),
-    (ErrorCode::ShuttingDown, "shutting_down"),
-];
-
 impl ErrorCode {
+    const ALL: [ErrorCode; 8] = [
+        ErrorCode::BadRequest,
+        ErrorCode::Version,
+        ErrorCode::BadTag,
+        ErrorCode::FullSync,
+        ErrorCode::Capture,
+        ErrorCode::Timeout,
+        ErrorCode::Replication,
+        ErrorCode::ShuttingDown,
+    ];
+
     pub fn as_str(self) -> &'static str {
-        CODES
-            .iter()
-            .find(|(code, _)| *code == self)
-            .map_or("bad_request", |(_, name)| name)
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::Version => "version",
+            ErrorCode::BadTag => "bad_tag",
+            ErrorCode::FullSync => "full_sync",
+            ErrorCode::Capture => "capture",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::Replication => "replication",
+            ErrorCode::ShuttingDown => "shutting_down",
+        }
     }
 
     fn parse(name: &str) -> Option<ErrorCode> {
-        CODES
-            .iter()
-            .find(|(_, n)| *n == name)
-            .map(|(code, _)| *code)
+        Self::ALL.into_iter().find(|code| code.as_str() == name)
     }
 }
 
