@@ -28,10 +28,10 @@
 //!  40  u64      received time, ns since the epoch, the target's clock
 //!  48  u32      body length
 //!  52  u32      CRC32C of the body
-//!  56  u32      reserved, zero
+//!  56  u32      tagged: CRC32C of the tag field; otherwise reserved, zero
 //!  60  u32      CRC32C of bytes 0..60
-//! entry body: if tagged, u8 tag length (1..=255) and the tag (UTF-8);
-//!   then the 64-byte session salt and the encrypted frame
+//! entry body: if tagged, the tag field: u8 tag length (1..=255) and the
+//!   tag (UTF-8); then the 64-byte session salt and the encrypted frame
 //! ```
 
 use filter::capture::{Tag, TagError};
@@ -78,6 +78,9 @@ pub struct EntryHeader {
     pub received_time_ns: u64,
     pub body_len: u32,
     pub body_crc: u32,
+    /// CRC32C of the tag field of a tagged entry (0 otherwise), so that the
+    /// tag can be verified without reading the whole body.
+    pub tag_crc: u32,
 }
 
 /// Why bytes are not a valid header.
@@ -104,6 +107,8 @@ pub enum HeaderError {
 pub enum TagFieldError {
     #[error("a tag of {len} bytes does not fit in a body of {body_len}")]
     Short { len: usize, body_len: usize },
+    #[error("tag field CRC mismatch (stored {stored:#010x}, computed {computed:#010x})")]
+    Crc { stored: u32, computed: u32 },
     #[error(transparent)]
     Invalid(#[from] TagError),
 }
@@ -116,16 +121,23 @@ pub fn encode_tag_field(tag: &Tag) -> Vec<u8> {
     field
 }
 
-/// Reads the tag a tagged entry's body starts with; `start` is the body,
-/// or at least its first [`TAG_FIELD_MAX`] bytes. Returns the tag and the
-/// bytes its field takes.
-pub fn decode_tag_field(start: &[u8]) -> Result<(Tag, usize), TagFieldError> {
+/// Reads the tag a tagged entry's body starts with and checks it against
+/// `crc` (the header's tag CRC); `start` is the body, or at least its first
+/// [`TAG_FIELD_MAX`] bytes. Returns the tag and the bytes its field takes.
+pub fn decode_tag_field(start: &[u8], crc: u32) -> Result<(Tag, usize), TagFieldError> {
     let len = start.first().map_or(0, |&len| usize::from(len));
-    let field = start.get(1..1 + len).ok_or(TagFieldError::Short {
+    let field = start.get(..1 + len).ok_or(TagFieldError::Short {
         len,
         body_len: start.len(),
     })?;
-    Ok((Tag::from_bytes(field)?, 1 + len))
+    let computed = crc32c::crc32c(field);
+    if computed != crc {
+        return Err(TagFieldError::Crc {
+            stored: crc,
+            computed,
+        });
+    }
+    Ok((Tag::from_bytes(&field[1..])?, field.len()))
 }
 
 impl HeaderError {
@@ -230,6 +242,7 @@ impl EntryHeader {
         put(&mut b, 40, &self.received_time_ns.to_le_bytes());
         put(&mut b, 48, &self.body_len.to_le_bytes());
         put(&mut b, 52, &self.body_crc.to_le_bytes());
+        put(&mut b, 56, &self.tag_crc.to_le_bytes());
         seal(&mut b);
         b
     }
@@ -256,6 +269,7 @@ impl EntryHeader {
             received_time_ns: u64_at(b, 40),
             body_len: u32_at(b, 48),
             body_crc: u32_at(b, 52),
+            tag_crc: u32_at(b, 56),
         };
         if header.first_seq > header.last_seq {
             return Err(HeaderError::SeqRange {
@@ -289,6 +303,7 @@ mod tests {
             received_time_ns: 1_700_000_000_500_000_000,
             body_len: 4096,
             body_crc: crc32c::crc32c(b"body"),
+            tag_crc: crc32c::crc32c(b"\x03tag"),
         }
     }
 
@@ -305,7 +320,7 @@ mod tests {
         #[test]
         fn entry_headers_round_trip(
             barrier: bool, in_sync: bool, tagged: bool, id: u64, first_seq: u64, span: u64,
-            point: u64, received: u64, body_len: u32, body_crc: u32,
+            point: u64, received: u64, body_len: u32, body_crc: u32, tag_crc: u32,
         ) {
             let header = EntryHeader {
                 ends_on_barrier: barrier,
@@ -318,6 +333,7 @@ mod tests {
                 received_time_ns: received,
                 body_len,
                 body_crc,
+                tag_crc,
             };
             prop_assert_eq!(EntryHeader::decode(&header.encode()), Ok(header));
         }
@@ -378,30 +394,38 @@ mod tests {
     #[test]
     fn tag_fields_round_trip_and_bad_ones_are_refused() {
         let tag = Tag::new("before-upgrade").unwrap();
-        let mut body = encode_tag_field(&tag);
-        assert_eq!(body[0], 14);
+        let field = encode_tag_field(&tag);
+        assert_eq!(field[0], 14);
+        let crc = crc32c::crc32c(&field);
+        let mut body = field.clone();
         body.extend_from_slice(&[7; 64]);
-        assert_eq!(decode_tag_field(&body), Ok((tag, 15)));
+        assert_eq!(decode_tag_field(&body, crc), Ok((tag, 15)));
         let short = TagFieldError::Short {
             len: 14,
             body_len: 10,
         };
-        assert_eq!(decode_tag_field(&body[..10]), Err(short));
-        assert_eq!(
-            decode_tag_field(&[]),
-            Err(TagFieldError::Short {
-                len: 0,
-                body_len: 0
-            })
-        );
-        assert_eq!(
-            decode_tag_field(&[0, 1, 2]),
-            Err(TagFieldError::Invalid(TagError::Empty))
-        );
-        assert_eq!(
-            decode_tag_field(&[2, b'a', 0xff]),
-            Err(TagFieldError::Invalid(TagError::NotUtf8(1)))
-        );
+        assert_eq!(decode_tag_field(&body[..10], crc), Err(short));
+        let empty = TagFieldError::Short {
+            len: 0,
+            body_len: 0,
+        };
+        assert_eq!(decode_tag_field(&[], 0), Err(empty));
+        let mut flipped = body.clone();
+        flipped[3] ^= 0x20;
+        assert!(matches!(
+            decode_tag_field(&flipped, crc),
+            Err(TagFieldError::Crc { stored, .. }) if stored == crc
+        ));
+        // Intact fields (their CRC checks out) that break the tag rules.
+        for (bad, why) in [
+            (&[0u8, 1, 2][..], TagError::Empty),
+            (&[2, b'a', 0xff], TagError::NotUtf8(1)),
+            (&[2, b'a', b'\n'], TagError::Control('\n', 1)),
+        ] {
+            let field_len = 1 + usize::from(bad[0]);
+            let crc = crc32c::crc32c(&bad[..field_len]);
+            assert_eq!(decode_tag_field(bad, crc), Err(TagFieldError::Invalid(why)));
+        }
     }
 
     #[test]

@@ -349,13 +349,14 @@ impl Journal {
             });
         }
         if header.tagged {
-            let (_, field_len) =
-                decode_tag_field(&body).map_err(|source| JournalError::TagField {
+            let (_, field_len) = decode_tag_field(&body, header.tag_crc).map_err(|source| {
+                JournalError::TagField {
                     path: path.clone(),
                     offset,
                     id: header.id,
                     source,
-                })?;
+                }
+            })?;
             body.drain(..field_len);
         }
         Ok(body)

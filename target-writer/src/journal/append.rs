@@ -119,6 +119,11 @@ impl Journal {
             received_time_ns: now_ns(),
             body_len,
             body_crc: crc32c::crc32c_append(crc32c::crc32c(tag_field), body),
+            tag_crc: if tag_field.is_empty() {
+                0
+            } else {
+                crc32c::crc32c(tag_field)
+            },
         })
     }
 

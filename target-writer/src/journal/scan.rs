@@ -358,8 +358,9 @@ impl Scanner {
         Ok(())
     }
 
-    /// The tag at the start of a tagged entry's body, whose CRC checked out:
-    /// a bad one is corruption (or a writer's bug), never a torn tail.
+    /// The tag at the start of a tagged entry's body, checked against the
+    /// header's tag CRC: a bad one is corruption, never a torn tail (a torn
+    /// final entry fails its body CRC first).
     fn tag(
         &self,
         seg: &SegmentScan,
@@ -372,7 +373,7 @@ impl Scanner {
             offset + ENTRY_HEADER_LEN as u64,
             "read entry tag",
         )?;
-        decode_tag_field(&start)
+        decode_tag_field(&start, header.tag_crc)
             .map(|(tag, _)| tag)
             .map_err(|source| JournalError::TagField {
                 path: seg.path.clone(),
