@@ -237,18 +237,37 @@ fn thaw_runs_whenever_quiesce_ran_and_failures_are_told_apart() {
     );
 }
 
-/// The control socket is mode 0600 and ours; bad requests get an error line
-/// and the connection goes on; an over-long line gets an error and the
-/// connection ends; the socket keeps serving. A second protect does not take
-/// a live socket over, and nothing but a socket is ever replaced.
+/// The control socket is mode 0600 and ours (another user is denied); bad
+/// requests get an error line and the connection goes on; an over-long line
+/// gets an error and the connection ends; the socket keeps serving. A second
+/// protect does not take a live socket over, and nothing but a socket is
+/// ever replaced.
 #[test]
 fn the_control_socket_is_private_and_survives_bad_requests() {
+    require_tools(&["setpriv"]);
     let dir = scratch();
     let (mut repl, control) = protected(dir.path());
     let meta = std::fs::metadata(&control).expect("stat the control socket");
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     // SAFETY: geteuid has no preconditions.
     assert_eq!(meta.uid(), unsafe { libc::geteuid() });
+    // Another user may reach the directory but not connect: the mode says no.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))
+        .expect("open the test directory for traversal");
+    let output = Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_cdp"))
+        .args(["point", "--tag", "intruder", "--control"])
+        .arg(&control)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("run cdp point as nobody");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.code() == Some(1) && stderr.contains("permission denied"),
+        "cdp point as nobody: {}\n{stderr}",
+        output.status
+    );
 
     let mut raw = Raw::connect(&control);
     for (request, error) in [
