@@ -39,6 +39,8 @@ enum Command {
     Protect(commands::replication::ProtectArgs),
     /// List the restore points a target holds.
     Points(commands::points::PointsArgs),
+    /// Make an application-consistent (tagged) point through protect's control socket.
+    Point(commands::point::PointArgs),
     /// Rebuild the disk image at a restore point.
     Restore(commands::points::RestoreArgs),
     /// Make a disk from a restore point to run production on (and protect
@@ -64,6 +66,7 @@ fn main() -> Result<()> {
         Command::Target(args) => commands::replication::target(args),
         Command::Protect(args) => commands::replication::protect(args),
         Command::Points(args) => commands::points::points(args),
+        Command::Point(args) => commands::point::point(args),
         Command::Restore(args) => commands::points::restore(args),
         Command::Failover(args) => commands::failover::failover(args),
         Command::Failback(args) => commands::failover::failback(args),

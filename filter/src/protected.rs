@@ -3,11 +3,13 @@
 //! then is it acknowledged, so an acknowledged change is never missing from
 //! the captured stream. Overlapping changes take turns (see
 //! [`crate::range_lock`]), so the stream replays to the disk's exact bytes.
+//! A tagged barrier ([`ProtectedDisk::tagged_barrier`]) marks an
+//! application-consistent point in the stream.
 
 use bytes::Bytes;
 
 use crate::backing::Backing;
-use crate::capture::{CaptureSender, RecordKind};
+use crate::capture::{CaptureSender, RecordKind, Tag};
 use crate::device::{BlockDevice, BlockSizes, DeviceError, Extent, ZeroMode};
 use crate::range_lock::RangeLock;
 
@@ -91,6 +93,29 @@ impl ProtectedDisk {
             }
         }
         Ok(())
+    }
+
+    /// Inserts an application-consistent point: flushes the backing disk
+    /// (fdatasync, as an NBD FLUSH does), then captures a
+    /// [`RecordKind::Tag`] barrier carrying `tag`, and returns its sequence
+    /// number. Every change acknowledged before the call is durable on the
+    /// backing disk and has a lower sequence number (capture rule 2:
+    /// numbers are taken at push time, after those changes' pushes).
+    pub async fn tagged_barrier(&self, tag: &Tag) -> Result<u64, DeviceError> {
+        self.backing
+            .flush()
+            .await
+            .map_err(|source| DeviceError::Io {
+                op: "flush",
+                offset: 0,
+                len: 0,
+                source,
+            })?;
+        let name = Bytes::copy_from_slice(tag.as_str().as_bytes());
+        self.capture
+            .send(RecordKind::Tag, false, 0, 0, name)
+            .await
+            .map_err(|_| DeviceError::CaptureStopped)
     }
 
     async fn capture(
@@ -302,6 +327,51 @@ fn piece(offset: u64, data: &Bytes, start: usize, end: usize, zero: bool) -> Pie
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backing::BackingOptions;
+    use crate::capture::{capture_ring, Record};
+
+    #[test]
+    fn a_tagged_barrier_follows_every_acknowledged_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        std::fs::File::create(&path)
+            .and_then(|f| f.set_len(1 << 20))
+            .unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (sender, mut receiver) = capture_ring(1 << 20, 40);
+        runtime.block_on(async {
+            let backing = Backing::open(&path, BackingOptions::default()).unwrap();
+            let disk = ProtectedDisk::new(backing, sender);
+            disk.write(4096, Bytes::from_static(b"before"), false)
+                .await
+                .unwrap();
+            let tag = Tag::new("app-consistent").unwrap();
+            assert_eq!(disk.tagged_barrier(&tag).await.unwrap(), 41);
+            disk.write(0, Bytes::from_static(b"after"), false)
+                .await
+                .unwrap();
+        });
+        let records: Vec<Record> = std::iter::from_fn(|| receiver.recv()).collect();
+        let kinds: Vec<_> = records.iter().map(|r| (r.seq, r.kind)).collect();
+        assert_eq!(
+            kinds,
+            [
+                (40, RecordKind::Write),
+                (41, RecordKind::Tag),
+                (42, RecordKind::Write)
+            ]
+        );
+        assert!(records[1].is_barrier());
+        assert_eq!(
+            records[1].tag().map(|t| t.to_string()).as_deref(),
+            Some("app-consistent")
+        );
+        assert_eq!(std::fs::read(&path).unwrap()[4096..4102], *b"before");
+    }
 
     #[test]
     fn zero_blocks_are_split_out_without_copying() {

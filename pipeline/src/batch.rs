@@ -3,7 +3,9 @@
 //! This module owns coalescing records into a batch ([`BatchBuilder`]: for
 //! every byte the newest record wins, exactly, at byte granularity), the
 //! batch's plaintext encoding (the payload a frame carries; "Batch payload,
-//! version 1" in `docs/FORMATS.md`), and applying a batch to an image.
+//! version 1" in `docs/FORMATS.md`), and applying a batch to an image. A
+//! batch whose last record is a tagged barrier carries the tag: it is an
+//! application-consistent point.
 //!
 //! A batch covers the records `first_seq..=last_seq`, with no gaps. Applied to
 //! an image that holds the disk as of the record before `first_seq`, it gives
@@ -19,13 +21,15 @@ use std::os::unix::fs::FileExt;
 
 use bytes::Bytes;
 use filter::capture::log::zero_range;
-use filter::capture::{Record, RecordKind};
+use filter::capture::{Record, RecordKind, Tag, TagError};
 
 /// The payload version this code writes and the only one it reads.
 const VERSION: u8 = 1;
 /// Flags bit 0: the batch ends on a barrier.
 const FLAG_BARRIER: u8 = 1;
 const FLAG_IN_SYNC: u8 = 2;
+/// Flags bit 2: the batch ends on a tagged barrier; the tag follows the header.
+const FLAG_TAGGED: u8 = 4;
 /// Version, flags, extent count.
 const HEADER_LEN: usize = 1 + 1 + 4;
 /// Kind, offset, length.
@@ -62,6 +66,9 @@ pub struct Batch {
     /// Cut before the source's full sync completed: not a consistent image
     /// by itself (set by the shipper, which knows where the sync stands).
     pub in_sync: bool,
+    /// The last record is a tagged barrier: the batch ends on an
+    /// application-consistent point of this name (and on a barrier).
+    pub tag: Option<Tag>,
     /// Sorted by offset, non-overlapping, none empty.
     pub extents: Vec<Extent>,
 }
@@ -82,6 +89,16 @@ pub enum BatchError {
     Version { at: usize, version: u8 },
     #[error("batch payload: unknown flags {flags:#04x} at byte {at}")]
     Flags { at: usize, flags: u8 },
+    #[error("batch payload: the tag at byte {at}: {source}")]
+    Tag {
+        at: usize,
+        #[source]
+        source: TagError,
+    },
+    #[error(
+        "batch payload: flags {flags:#04x} at byte {at} say tagged but not ending on a barrier"
+    )]
+    TagWithoutBarrier { at: usize, flags: u8 },
     #[error("batch payload: extent count {count} at byte {at} cannot fit in the {available} bytes that follow")]
     Count {
         at: usize,
@@ -125,16 +142,22 @@ impl Batch {
             })
             .sum();
         let count = u32::try_from(self.extents.len()).expect("fewer than 2^32 extents in a batch");
-        let mut out =
-            Vec::with_capacity(HEADER_LEN + self.extents.len() * EXTENT_HEADER_LEN + data);
+        let tag_len = self.tag.as_ref().map_or(0, |tag| 1 + tag.as_str().len());
+        let mut out = Vec::with_capacity(
+            HEADER_LEN + tag_len + self.extents.len() * EXTENT_HEADER_LEN + data,
+        );
         out.push(VERSION);
-        let barrier = if self.ends_on_barrier {
-            FLAG_BARRIER
-        } else {
-            0
-        };
-        out.push(barrier | if self.in_sync { FLAG_IN_SYNC } else { 0 });
+        let flag = |set: bool, bit: u8| if set { bit } else { 0 };
+        out.push(
+            flag(self.ends_on_barrier || self.tag.is_some(), FLAG_BARRIER)
+                | flag(self.in_sync, FLAG_IN_SYNC)
+                | flag(self.tag.is_some(), FLAG_TAGGED),
+        );
         out.extend_from_slice(&count.to_le_bytes());
+        if let Some(tag) = &self.tag {
+            out.push(tag.len_byte());
+            out.extend_from_slice(tag.as_str().as_bytes());
+        }
         for extent in &self.extents {
             let (kind, offset, len) = match extent {
                 Extent::Data { offset, data } => (KIND_DATA, *offset, data.len() as u64),
@@ -151,7 +174,8 @@ impl Batch {
     }
 
     /// Reads a payload made by [`Batch::encode`] for the records
-    /// `first_seq..=last_seq`. Everything is checked: version, flags, the
+    /// `first_seq..=last_seq`. Everything is checked: version, flags, the tag
+    /// (a tagged batch ends on a barrier; the tag is a valid [`Tag`]), the
     /// extent count and every length against the bytes left, extent kinds,
     /// that extents are non-empty, sorted and non-overlapping, and that
     /// nothing follows the last one. An accepted payload re-encodes to itself.
@@ -170,14 +194,27 @@ impl Batch {
         }
         let at = r.pos;
         let flags = r.u8("flags")?;
-        if flags & !(FLAG_BARRIER | FLAG_IN_SYNC) != 0 {
+        if flags & !(FLAG_BARRIER | FLAG_IN_SYNC | FLAG_TAGGED) != 0 {
             return Err(BatchError::Flags { at, flags });
         }
-        let at = r.pos;
+        if flags & FLAG_TAGGED != 0 && flags & FLAG_BARRIER == 0 {
+            return Err(BatchError::TagWithoutBarrier { at, flags });
+        }
+        let count_at = r.pos;
         let count = r.u32("extent count")?;
+        let tag = if flags & FLAG_TAGGED != 0 {
+            let at = r.pos;
+            let len = r.u8("tag length")?;
+            let place = r.take(len.into(), "tag")?;
+            let tag = Tag::from_bytes(&payload[place])
+                .map_err(|source| BatchError::Tag { at, source })?;
+            Some(tag)
+        } else {
+            None
+        };
         if count as usize > r.remaining() / EXTENT_HEADER_LEN {
             return Err(BatchError::Count {
-                at,
+                at: count_at,
                 count,
                 available: r.remaining(),
             });
@@ -240,6 +277,7 @@ impl Batch {
             last_seq,
             ends_on_barrier: flags & FLAG_BARRIER != 0,
             in_sync: flags & FLAG_IN_SYNC != 0,
+            tag,
             extents,
         })
     }
@@ -370,6 +408,8 @@ pub struct BatchBuilder {
     /// First and last sequence number pushed since the last take.
     seqs: Option<(u64, u64)>,
     ends_on_barrier: bool,
+    /// The tag of the last record pushed, if it was a tagged barrier.
+    tag: Option<Tag>,
     data_bytes: usize,
 }
 
@@ -394,6 +434,7 @@ impl BatchBuilder {
             }
         }
         self.ends_on_barrier = record.is_barrier();
+        self.tag = record.tag();
         match record.kind {
             RecordKind::Write if record.data.is_empty() => {}
             RecordKind::Write if is_all_zero(&record.data) => {
@@ -403,7 +444,7 @@ impl BatchBuilder {
             RecordKind::Trim | RecordKind::Zero if record.len > 0 => {
                 self.insert(record.offset, Piece::Zero(record.len));
             }
-            RecordKind::Trim | RecordKind::Zero | RecordKind::Flush => {}
+            RecordKind::Trim | RecordKind::Zero | RecordKind::Flush | RecordKind::Tag => {}
         }
     }
 
@@ -432,6 +473,7 @@ impl BatchBuilder {
             last_seq,
             ends_on_barrier: taken.ends_on_barrier,
             in_sync: false,
+            tag: taken.tag,
             extents: taken
                 .extents
                 .into_iter()

@@ -1,12 +1,13 @@
 //! The cutter: drains a capture ring and cuts the stream into [`Batch`]es,
-//! one per RPO interval (earlier when a batch grows too large).
+//! one per RPO interval (earlier when a batch grows too large, and right
+//! after a tagged barrier, so that a tagged point is exactly one batch's end).
 //!
 //! This module owns *when* the stream is cut; what a batch holds is
 //! [`crate::batch`]'s business.
 
 use std::time::{Duration, Instant};
 
-use filter::capture::CaptureReceiver;
+use filter::capture::{CaptureReceiver, Record, RecordKind};
 
 use crate::batch::{Batch, BatchBuilder};
 
@@ -66,7 +67,8 @@ impl Cutter {
 
     /// The next batch; blocks until it is cut. A batch is cut at the newest
     /// record received once `rpo` has passed since the previous cut, or
-    /// earlier once it holds `max_batch_bytes`. An interval without records
+    /// earlier once it holds `max_batch_bytes`, or right after a tagged
+    /// barrier (the batch then carries the tag). An interval without records
     /// yields no batch: the cutter waits for the next record and cuts as soon
     /// as it has drained what the ring holds. Batches follow one another with
     /// no gap in sequence numbers. Returns `None` once every sender is gone
@@ -87,7 +89,7 @@ impl Cutter {
                 };
                 drained += 1;
                 self.builder.push(&record);
-                if self.is_full() {
+                if self.must_cut(&record) {
                     return self.cut();
                 }
             }
@@ -95,7 +97,7 @@ impl Cutter {
                 // Nothing held and nothing ready: sleep until a record comes.
                 let record = self.receiver.recv()?;
                 self.builder.push(&record);
-                if self.is_full() {
+                if self.must_cut(&record) {
                     return self.cut();
                 }
                 continue;
@@ -112,10 +114,13 @@ impl Cutter {
         }
     }
 
-    /// The batch holds as much as it may.
-    fn is_full(&self) -> bool {
-        self.builder.data_bytes() + self.builder.extent_count() * EXTENT_COST
-            >= self.max_batch_bytes
+    /// The batch must end at `record`, just pushed: it holds as much as it
+    /// may, or `record` is a tagged barrier (an application-consistent point
+    /// is the end of a batch, never inside one).
+    fn must_cut(&self, record: &Record) -> bool {
+        record.kind == RecordKind::Tag
+            || self.builder.data_bytes() + self.builder.extent_count() * EXTENT_COST
+                >= self.max_batch_bytes
     }
 
     fn cut(&mut self) -> Option<Batch> {
@@ -180,7 +185,7 @@ mod tests {
             match kind {
                 RecordKind::Write => disk[range].copy_from_slice(&data),
                 RecordKind::Trim | RecordKind::Zero => disk[range].fill(0),
-                RecordKind::Flush => {}
+                RecordKind::Flush | RecordKind::Tag => {}
             }
         }
         disk
@@ -298,6 +303,55 @@ mod tests {
         // The interval had long passed: no waiting for another one.
         let waited = batches[1].0 - sent_rx.recv().unwrap();
         assert!(waited < Duration::from_millis(80), "waited {waited:?}");
+    }
+
+    #[test]
+    fn a_tagged_barrier_ends_its_batch_at_once() {
+        let workload = Workload {
+            write_len: 512,
+            stride: 4096,
+            mixed: false,
+        };
+        let (sender, receiver) = capture_ring(1 << 20, FIRST_SEQ);
+        let start = Instant::now();
+        let mut cutter = Cutter::new(receiver, Duration::from_secs(60), 64 << 20);
+        let producer = spawn_producer(sender, move |sender| async move {
+            workload.send(&sender, 0).await;
+            workload.send(&sender, 1).await;
+            let tag = Bytes::from_static(b"quiesced");
+            let seq = sender.send(RecordKind::Tag, false, 0, 0, tag).await;
+            assert_eq!(seq, Ok(FIRST_SEQ + 2));
+            workload.send(&sender, 3).await;
+            let tag = Bytes::from_static(b"again");
+            sender
+                .send(RecordKind::Tag, false, 0, 0, tag)
+                .await
+                .unwrap();
+        });
+        let batches = collect(&mut cutter);
+        producer.join().unwrap();
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "waited for the RPO"
+        );
+        let cuts: Vec<_> = batches
+            .iter()
+            .map(|(_, b)| {
+                (
+                    b.first_seq,
+                    b.last_seq,
+                    b.tag.as_ref().map(|t| t.to_string()),
+                )
+            })
+            .collect();
+        assert_eq!(
+            cuts,
+            [
+                (FIRST_SEQ, FIRST_SEQ + 2, Some("quiesced".to_string())),
+                (FIRST_SEQ + 3, FIRST_SEQ + 4, Some("again".to_string())),
+            ]
+        );
+        assert!(batches.iter().all(|(_, b)| b.ends_on_barrier));
     }
 
     #[test]

@@ -3,10 +3,13 @@
 //! run of records with the newest data per byte winning ([`batch`]), cut
 //! every RPO interval from the capture ring ([`cutter`]); the frame codec
 //! that seals batches for the wire and for storage at rest ([`codec`], byte
-//! layout in [`frame`]). See `docs/REPLICATION.md`. After a failover,
-//! [`failback`] ships back only the chunks in which the disks differ.
+//! layout in [`frame`]); the control socket through which tagged points
+//! are asked for ([`control`]). See `docs/REPLICATION.md`. After a
+//! failover, [`failback`] ships back only the chunks in which the disks
+//! differ.
 pub mod batch;
 pub mod codec;
+pub mod control;
 pub mod cutter;
 pub mod failback;
 pub mod frame;

@@ -3,9 +3,10 @@
 //! RPO interval; the shipper carries batches to the target; a full sync
 //! copies the whole disk through the capture stream first (every new source
 //! process does one, and says so), after which batches are restore points.
+//! With a control socket, `cdp point` can ask for tagged points.
 
 use std::io::IsTerminal;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,13 +15,14 @@ use filter::device::{BlockDevice, DeviceError};
 use filter::nbd::Export;
 use filter::protected::ProtectedDisk;
 use filter::service::{self, FilterConfig, FilterError};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::control::{ControlContext, ControlError, ControlServer};
 use crate::cutter::Cutter;
 use crate::key::Key;
 use crate::session::Hello;
-use crate::shipper::{self, ShipError, ShipStats, ShipperConfig, SyncProgress};
+use crate::shipper::{self, Acknowledged, ShipError, ShipStats, ShipperConfig, SyncProgress};
 
 /// Bytes of disk the full sync copies per step.
 const SYNC_CHUNK: u64 = 4 << 20;
@@ -39,10 +41,14 @@ pub struct ProtectConfig {
     pub rpo: Duration,
     /// Bytes per second on the wire, if throttled.
     pub throttle: Option<u64>,
+    /// Where to serve the control socket (`cdp point`), if anywhere.
+    pub control: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProtectError {
+    #[error(transparent)]
+    Control(#[from] ControlError),
     #[error(transparent)]
     Backing(#[from] BackingError),
     #[error(transparent)]
@@ -80,6 +86,11 @@ pub async fn run(
     shutdown: CancellationToken,
     ready: impl FnOnce(&[String]),
 ) -> Result<ProtectSummary, ProtectError> {
+    let control = config
+        .control
+        .as_deref()
+        .map(ControlServer::bind)
+        .transpose()?;
     let backing = Backing::open(&config.filter.disk, config.filter.backing)?;
     let hello = Hello {
         disk_id: disk_id(&config.filter.disk, backing.size()),
@@ -108,6 +119,7 @@ pub async fn run(
         .map_err(|e| ProtectError::Task(format!("cannot start the cutter thread: {e}")))?;
 
     let sync = SyncProgress::new();
+    let (acknowledged, acknowledged_rx) = watch::channel(Acknowledged::default());
     let shipper_config = ShipperConfig {
         target: config.target,
         key: config.key,
@@ -115,6 +127,7 @@ pub async fn run(
         throttle: config.throttle,
         max_unacked: MAX_UNACKED,
         drain_timeout: Duration::from_secs(30),
+        acknowledged,
     };
     let ship_shutdown = shutdown.clone();
     let shipper = tokio::spawn({
@@ -134,6 +147,18 @@ pub async fn run(
         shutdown.clone(),
     ));
 
+    let control = control.map(|server| {
+        let context = ControlContext {
+            disk: Arc::downgrade(&filter.export),
+            sync: sync.clone(),
+            acknowledged: acknowledged_rx,
+        };
+        tokio::spawn(server.serve(context, shutdown.clone()))
+    });
+    if let Some(path) = &config.control {
+        tracing::info!(path = %path.display(), "control socket listening (mode 0600)");
+    }
+
     ready(&filter.addresses());
     filter.serve(shutdown.clone()).await;
     let full_sync_complete = syncer
@@ -141,9 +166,15 @@ pub async fn run(
         .map_err(|e| ProtectError::Task(e.to_string()))??;
     // The export is gone now, so the capture stream closes; the cutter cuts
     // what is left and the shipper delivers it.
-    let shipped = shipper
-        .await
-        .map_err(|e| ProtectError::Task(e.to_string()))??;
+    let shipped = shipper.await.map_err(|e| ProtectError::Task(e.to_string()));
+    // The shipper has ended, so requests waiting for the target get their
+    // answer and the control server finishes.
+    if let Some(control) = control {
+        control
+            .await
+            .map_err(|e| ProtectError::Task(e.to_string()))?;
+    }
+    let shipped = shipped??;
     cutter
         .join()
         .map_err(|_| ProtectError::Task("the cutter thread panicked".into()))?;

@@ -9,7 +9,9 @@
 //! Sequence numbers: the target's journal is one gap-free sequence. This
 //! process numbers its records from 0; on the first handshake it learns the
 //! target's next sequence number and ships every record as that base plus
-//! its own number (`docs/REPLICATION.md`).
+//! its own number (`docs/REPLICATION.md`). How far the target has
+//! acknowledged is published as [`Acknowledged`] (the control socket waits
+//! on it for a tagged point to become durable).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::batch::Batch;
 use crate::codec::{FrameKind, FrameMeta};
@@ -39,6 +41,21 @@ pub struct ShipperConfig {
     /// How long to keep trying to deliver what is left after the capture
     /// stream ends (shutdown).
     pub drain_timeout: Duration,
+    /// Where the shipper publishes how far the target has acknowledged; it
+    /// is dropped (closing the watch) when the shipper ends.
+    pub acknowledged: watch::Sender<Acknowledged>,
+}
+
+/// How far the target has acknowledged. A record of local sequence number
+/// `s` is durable on the target (its batch is journaled) once `next > s`;
+/// its sequence number in the journal is then `base + s`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Acknowledged {
+    /// The journal's sequence number of local record 0, once the target
+    /// told us (at the first connection).
+    pub base: Option<u64>,
+    /// Local sequence number after the last acknowledged batch.
+    pub next: u64,
 }
 
 /// Where the full sync stands, shared with the task that runs it.
@@ -61,6 +78,11 @@ impl SyncProgress {
     /// sequence number the next record will get.
     pub fn complete(&self, next_seq: u64) {
         self.complete_at.store(next_seq, Ordering::Release);
+    }
+
+    /// Whether the sync has completed: every batch cut from now on is a restore point.
+    pub fn is_complete(&self) -> bool {
+        self.complete_at.load(Ordering::Acquire) != u64::MAX
     }
 
     /// Whether a batch ending at local `last_seq` was cut before the sync completed.
@@ -251,7 +273,21 @@ impl State {
         }
         tracing::info!(target = %self.config.target, next_seq = target.next_seq, base, "connected to the target");
         self.drop_acked(target.next_seq);
+        self.publish();
         Ok((stream, session))
+    }
+
+    /// Tells those watching how far the target has acknowledged.
+    fn publish(&self) {
+        let now = Acknowledged {
+            base: self.base,
+            next: self.acked_next,
+        };
+        self.config.acknowledged.send_if_modified(|published| {
+            let changed = *published != now;
+            *published = now;
+            changed
+        });
     }
 
     /// Forgets batches the target holds (global last seq below `next_seq`).
@@ -311,6 +347,7 @@ impl State {
                     let next_seq = decode_ack(&body).map_err(|e| lost(&e))?;
                     let before = self.unacked.len();
                     self.drop_acked(next_seq);
+                    self.publish();
                     sent -= before - self.unacked.len();
                 }
                 batch = batches.recv(), if *input_open && self.has_room() => match batch {

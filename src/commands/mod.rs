@@ -2,6 +2,7 @@
 //! and the "listening on" lines scripts wait for.
 pub mod failover;
 pub mod filter;
+pub mod point;
 pub mod points;
 pub mod replication;
 

@@ -25,9 +25,10 @@ pub struct RestoreArgs {
     /// The target's directory.
     #[arg(long)]
     dir: PathBuf,
-    /// A point id from `cdp points`, or a time (RFC 3339 such as
+    /// A point id from `cdp points`, a time (RFC 3339 such as
     /// 2026-11-23T04:13:00.123Z, or seconds since the epoch): the newest point
-    /// at or before it. Numbers below 1000000000 are point ids.
+    /// at or before it, or tag:NAME: the newest point tagged NAME (`cdp
+    /// point`). Numbers below 1000000000 are point ids.
     #[arg(long)]
     at: String,
     /// The image to create (sparse; must not exist).
@@ -84,15 +85,17 @@ pub fn points(args: PointsArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:>6}  {:<24}  {:<9}  {:>12}  {:>9}  {:<7}  tag",
-        "id", "time", "tier", "bytes", "rpo ms", "barrier"
+        "{:>6}  {:<24}  {:<9}  {:>21}  {:>12}  {:>9}  {:<7}  tag",
+        "id", "time", "tier", "sequence", "bytes", "rpo ms", "barrier"
     );
     for (p, rpo_ms) in &rows {
+        let first = p.first_seq.map(|s| s.to_string()).unwrap_or_default();
         println!(
-            "{:>6}  {:<24}  {:<9}  {:>12}  {:>9.1}  {:<7}  {}",
+            "{:>6}  {:<24}  {:<9}  {:>21}  {:>12}  {:>9.1}  {:<7}  {}",
             p.id,
             format_time(p.point_time_ns),
             tier_name(p.tier),
+            format!("{first}..{}", p.last_seq),
             p.long_term_bytes.or(p.journal_bytes).unwrap_or(0),
             rpo_ms,
             if p.ends_on_barrier { "yes" } else { "" },
@@ -136,14 +139,17 @@ fn long_term_bytes_on_disk(dir: &std::path::Path) -> u64 {
 }
 
 /// Parses `--at`: a point id (below 1000000000), or a time (RFC 3339, or
-/// seconds since the epoch) meaning the newest point at or before it.
+/// seconds since the epoch) meaning the newest point at or before it, or
+/// `tag:NAME`, the newest point tagged NAME.
 pub fn parse_at(at: &str) -> Result<PointSelector> {
-    Ok(match at.parse::<u64>() {
-        Ok(id) if id < 1_000_000_000 => PointSelector::Id(id),
-        _ => match parse_time(at) {
+    Ok(match (at.strip_prefix("tag:"), at.parse::<u64>()) {
+        (Some(name), _) => PointSelector::Tag(name.to_string()),
+        (None, Ok(id)) if id < 1_000_000_000 => PointSelector::Id(id),
+        (None, _) => match parse_time(at) {
             Some(ns) => PointSelector::AtOrBefore(ns),
             None => bail!(
-                "--at {at:?} is neither a point id nor a time (RFC 3339 or seconds since the epoch)"
+                "--at {at:?} is neither a point id nor a time (RFC 3339 or seconds since the \
+                 epoch), nor tag:NAME"
             ),
         },
     })
@@ -164,8 +170,13 @@ pub fn restore(args: RestoreArgs) -> Result<()> {
         bar.set_position(done);
     })?;
     bar.finish_and_clear();
+    let tag = point
+        .tag
+        .as_ref()
+        .map(|tag| format!(", tag {tag:?}"))
+        .unwrap_or_default();
     println!(
-        "restored point {} ({}, {}, seq ..{}) to {}",
+        "restored point {} ({}, {}, seq ..{}{tag}) to {}",
         point.id,
         format_time(point.point_time_ns),
         tier_name(point.tier),

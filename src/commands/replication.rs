@@ -70,6 +70,9 @@ pub struct ProtectArgs {
     /// Limit on replication traffic, e.g. 50MiB/s.
     #[arg(long, value_parser = parse_rate)]
     throttle: Option<u64>,
+    /// Serve a control socket here (mode 0600) for `cdp point`.
+    #[arg(long)]
+    control: Option<PathBuf>,
 }
 
 pub fn keygen(args: KeygenArgs) -> Result<()> {
@@ -118,6 +121,7 @@ pub fn protect(args: ProtectArgs) -> Result<()> {
         key,
         rpo: args.rpo,
         throttle: args.throttle,
+        control: args.control,
     };
     super::run_until_signal(|shutdown| async move {
         let summary = protect::run(config, shutdown, super::announce).await?;

@@ -18,7 +18,8 @@
 //! entry header (64 bytes), followed by `body length` bytes of body
 //!   0  u32      magic "CJEN" (0x4e454a43 read as little-endian u32)
 //!   4  u8       kind: 1 replicated batch
-//!   5  u8       flags: bit 0 the batch ends on a barrier; others zero
+//!   5  u8       flags: bit 0 the batch ends on a barrier; bit 1 cut during a
+//!               full sync; bit 2 tagged; others zero
 //!   6  u16      reserved, zero
 //!   8  u64      entry id (consecutive across segments, from 1)
 //!  16  u64      first capture sequence number in the batch
@@ -27,11 +28,14 @@
 //!  40  u64      received time, ns since the epoch, the target's clock
 //!  48  u32      body length
 //!  52  u32      CRC32C of the body
-//!  56  u32      reserved, zero
+//!  56  u32      tagged: CRC32C of the tag field; otherwise reserved, zero
 //!  60  u32      CRC32C of bytes 0..60
+//! entry body: if tagged, the tag field: u8 tag length (1..=255) and the
+//!   tag (UTF-8); then the 64-byte session salt and the encrypted frame
 //! ```
 
 pub mod longterm;
+use filter::capture::{Tag, TagError};
 
 pub const SEGMENT_MAGIC: [u8; 8] = *b"CDPJSEG\0";
 pub const VERSION: u32 = 1;
@@ -39,10 +43,14 @@ pub const SEGMENT_HEADER_LEN: usize = 64;
 pub const ENTRY_MAGIC: u32 = u32::from_le_bytes(*b"CJEN");
 pub const ENTRY_HEADER_LEN: usize = 64;
 /// The only entry kind of version 1: one replicated batch, whose body is a
-/// 64-byte session salt followed by an encrypted frame (opaque here).
+/// 64-byte session salt followed by an encrypted frame (opaque here), after
+/// the tag field (see [`encode_tag_field`]) if the entry is tagged.
 pub const KIND_BATCH: u8 = 1;
 const FLAG_BARRIER: u8 = 1;
 const FLAG_IN_SYNC: u8 = 2;
+const FLAG_TAGGED: u8 = 4;
+/// The most bytes a tagged body starts with before its salt: length and tag.
+pub const TAG_FIELD_MAX: usize = 1 + filter::capture::MAX_TAG_LEN;
 /// Both headers end in the CRC32C of everything before it.
 const CRC_AT: usize = 60;
 
@@ -62,6 +70,8 @@ pub struct EntryHeader {
     /// Cut before the source's full sync completed: applied by restores of
     /// later points, but not a restore point itself.
     pub in_sync: bool,
+    /// The body starts with a tag: an application-consistent point.
+    pub tagged: bool,
     pub id: u64,
     pub first_seq: u64,
     pub last_seq: u64,
@@ -69,6 +79,9 @@ pub struct EntryHeader {
     pub received_time_ns: u64,
     pub body_len: u32,
     pub body_crc: u32,
+    /// CRC32C of the tag field of a tagged entry (0 otherwise), so that the
+    /// tag can be verified without reading the whole body.
+    pub tag_crc: u32,
 }
 
 /// Why bytes are not a valid header.
@@ -102,6 +115,44 @@ pub enum HeaderError {
     MapLength(usize),
     #[error("block map entry {index} is malformed, out of order or past the disk's end")]
     MapEntry { index: usize },
+}
+
+/// Why a tagged entry's body does not start with a valid tag.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TagFieldError {
+    #[error("a tag of {len} bytes does not fit in a body of {body_len}")]
+    Short { len: usize, body_len: usize },
+    #[error("tag field CRC mismatch (stored {stored:#010x}, computed {computed:#010x})")]
+    Crc { stored: u32, computed: u32 },
+    #[error(transparent)]
+    Invalid(#[from] TagError),
+}
+
+/// The start of a tagged entry's body: the tag's length, then the tag.
+pub fn encode_tag_field(tag: &Tag) -> Vec<u8> {
+    let mut field = Vec::with_capacity(1 + tag.as_str().len());
+    field.push(tag.len_byte());
+    field.extend_from_slice(tag.as_str().as_bytes());
+    field
+}
+
+/// Reads the tag a tagged entry's body starts with and checks it against
+/// `crc` (the header's tag CRC); `start` is the body, or at least its first
+/// [`TAG_FIELD_MAX`] bytes. Returns the tag and the bytes its field takes.
+pub fn decode_tag_field(start: &[u8], crc: u32) -> Result<(Tag, usize), TagFieldError> {
+    let len = start.first().map_or(0, |&len| usize::from(len));
+    let field = start.get(..1 + len).ok_or(TagFieldError::Short {
+        len,
+        body_len: start.len(),
+    })?;
+    let computed = crc32c::crc32c(field);
+    if computed != crc {
+        return Err(TagFieldError::Crc {
+            stored: crc,
+            computed,
+        });
+    }
+    Ok((Tag::from_bytes(&field[1..])?, field.len()))
 }
 
 impl HeaderError {
@@ -232,11 +283,10 @@ impl EntryHeader {
         let mut b = [0u8; ENTRY_HEADER_LEN];
         put(&mut b, 0, &ENTRY_MAGIC.to_le_bytes());
         b[4] = KIND_BATCH;
-        b[5] = if self.ends_on_barrier {
-            FLAG_BARRIER
-        } else {
-            0
-        } | if self.in_sync { FLAG_IN_SYNC } else { 0 };
+        let flag = |set: bool, bit: u8| if set { bit } else { 0 };
+        b[5] = flag(self.ends_on_barrier, FLAG_BARRIER)
+            | flag(self.in_sync, FLAG_IN_SYNC)
+            | flag(self.tagged, FLAG_TAGGED);
         put(&mut b, 8, &self.id.to_le_bytes());
         put(&mut b, 16, &self.first_seq.to_le_bytes());
         put(&mut b, 24, &self.last_seq.to_le_bytes());
@@ -244,6 +294,7 @@ impl EntryHeader {
         put(&mut b, 40, &self.received_time_ns.to_le_bytes());
         put(&mut b, 48, &self.body_len.to_le_bytes());
         put(&mut b, 52, &self.body_crc.to_le_bytes());
+        put(&mut b, 56, &self.tag_crc.to_le_bytes());
         seal(&mut b);
         b
     }
@@ -256,12 +307,13 @@ impl EntryHeader {
         if b[4] != KIND_BATCH {
             return Err(HeaderError::Kind(b[4]));
         }
-        if b[5] & !(FLAG_BARRIER | FLAG_IN_SYNC) != 0 {
+        if b[5] & !(FLAG_BARRIER | FLAG_IN_SYNC | FLAG_TAGGED) != 0 {
             return Err(HeaderError::Flags(b[5]));
         }
         let header = EntryHeader {
             ends_on_barrier: b[5] & FLAG_BARRIER != 0,
             in_sync: b[5] & FLAG_IN_SYNC != 0,
+            tagged: b[5] & FLAG_TAGGED != 0,
             id: u64_at(b, 8),
             first_seq: u64_at(b, 16),
             last_seq: u64_at(b, 24),
@@ -269,6 +321,7 @@ impl EntryHeader {
             received_time_ns: u64_at(b, 40),
             body_len: u32_at(b, 48),
             body_crc: u32_at(b, 52),
+            tag_crc: u32_at(b, 56),
         };
         if header.first_seq > header.last_seq {
             return Err(HeaderError::SeqRange {
@@ -294,6 +347,7 @@ mod tests {
         EntryHeader {
             ends_on_barrier: true,
             in_sync: false,
+            tagged: true,
             id: 3,
             first_seq: 100,
             last_seq: 164,
@@ -301,6 +355,7 @@ mod tests {
             received_time_ns: 1_700_000_000_500_000_000,
             body_len: 4096,
             body_crc: crc32c::crc32c(b"body"),
+            tag_crc: crc32c::crc32c(b"\x03tag"),
         }
     }
 
@@ -316,12 +371,13 @@ mod tests {
     proptest! {
         #[test]
         fn entry_headers_round_trip(
-            barrier: bool, in_sync: bool, id: u64, first_seq: u64, span: u64,
-            point: u64, received: u64, body_len: u32, body_crc: u32,
+            barrier: bool, in_sync: bool, tagged: bool, id: u64, first_seq: u64, span: u64,
+            point: u64, received: u64, body_len: u32, body_crc: u32, tag_crc: u32,
         ) {
             let header = EntryHeader {
                 ends_on_barrier: barrier,
                 in_sync,
+                tagged,
                 id,
                 first_seq,
                 last_seq: first_seq.saturating_add(span),
@@ -329,6 +385,7 @@ mod tests {
                 received_time_ns: received,
                 body_len,
                 body_crc,
+                tag_crc,
             };
             prop_assert_eq!(EntryHeader::decode(&header.encode()), Ok(header));
         }
@@ -394,6 +451,43 @@ mod tests {
             let mut bad = b;
             bad[bit / 8] ^= 1 << (bit % 8);
             assert!(decode_first_segment(&bad).is_err(), "bit {bit}");
+        }
+    }
+
+    #[test]
+    fn tag_fields_round_trip_and_bad_ones_are_refused() {
+        let tag = Tag::new("before-upgrade").unwrap();
+        let field = encode_tag_field(&tag);
+        assert_eq!(field[0], 14);
+        let crc = crc32c::crc32c(&field);
+        let mut body = field.clone();
+        body.extend_from_slice(&[7; 64]);
+        assert_eq!(decode_tag_field(&body, crc), Ok((tag, 15)));
+        let short = TagFieldError::Short {
+            len: 14,
+            body_len: 10,
+        };
+        assert_eq!(decode_tag_field(&body[..10], crc), Err(short));
+        let empty = TagFieldError::Short {
+            len: 0,
+            body_len: 0,
+        };
+        assert_eq!(decode_tag_field(&[], 0), Err(empty));
+        let mut flipped = body.clone();
+        flipped[3] ^= 0x20;
+        assert!(matches!(
+            decode_tag_field(&flipped, crc),
+            Err(TagFieldError::Crc { stored, .. }) if stored == crc
+        ));
+        // Intact fields (their CRC checks out) that break the tag rules.
+        for (bad, why) in [
+            (&[0u8, 1, 2][..], TagError::Empty),
+            (&[2, b'a', 0xff], TagError::NotUtf8(1)),
+            (&[2, b'a', b'\n'], TagError::Control('\n', 1)),
+        ] {
+            let field_len = 1 + usize::from(bad[0]);
+            let crc = crc32c::crc32c(&bad[..field_len]);
+            assert_eq!(decode_tag_field(bad, crc), Err(TagFieldError::Invalid(why)));
         }
     }
 

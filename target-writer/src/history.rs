@@ -186,8 +186,10 @@ impl History {
             .collect();
         if let Some(journal) = &self.journal {
             for entry in journal.points().iter().filter(|p| !p.in_sync) {
+                let tag = journal.tag(entry.id).map(String::from);
                 if let Some(long) = points.iter_mut().find(|p| p.id == entry.id) {
                     long.tier = Tier::Both;
+                    long.tag = long.tag.take().or(tag);
                     long.journal_bytes = Some(u64::from(entry.body_len));
                     long.first_seq = Some(entry.first_seq);
                 } else if self.path_to(entry.id).is_some() {
@@ -198,7 +200,7 @@ impl History {
                         point_time_ns: entry.point_time_ns,
                         received_time_ns: entry.received_time_ns,
                         tier: Tier::Journal,
-                        tag: None,
+                        tag,
                         journal_bytes: Some(u64::from(entry.body_len)),
                         long_term_bytes: None,
                         ends_on_barrier: entry.ends_on_barrier,
@@ -229,6 +231,12 @@ impl History {
                     requested: format_time(time_ns),
                     first: format_time(first.point_time_ns),
                 }),
+            PointSelector::Tag(name) => points
+                .iter()
+                .rev()
+                .find(|p| p.tag.as_deref() == Some(name.as_str()))
+                .cloned()
+                .ok_or(RestoreError::UnknownTag(name)),
         }
     }
 

@@ -8,7 +8,9 @@
 //! (same disk, consecutive segment numbers and entry ids, contiguous sequence
 //! ranges, every CRC), rebuilds the restore points and applies the
 //! [`RecoveryMode`] to a torn tail (what a crash while appending leaves; see
-//! `scan.rs`). Anything else that fails verification is corruption: an error
+//! `scan.rs`). A tagged entry (an application-consistent point) keeps its
+//! tag in plaintext at the start of its body, so [`Journal::tag`] names it
+//! without the key; [`Journal::read_body`] returns the body without it. Anything else that fails verification is corruption: an error
 //! naming the segment and offset, never skipped. One writer at a time holds
 //! the journal (an `flock` on its directory); [`Journal::open_read_only`]
 //! takes no lock and changes nothing.
@@ -23,14 +25,19 @@ mod files;
 mod recovery;
 mod scan;
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use filter::capture::Tag;
+
 pub use error::JournalError;
 pub use recovery::{RecoveryReport, TornCause, TornTail};
 
-use crate::format::{EntryHeader, SegmentHeader, ENTRY_HEADER_LEN, SEGMENT_HEADER_LEN};
+use crate::format::{
+    decode_tag_field, EntryHeader, SegmentHeader, ENTRY_HEADER_LEN, SEGMENT_HEADER_LEN,
+};
 use append::Writer;
 use files::io_err;
 use recovery::torn_tail;
@@ -83,6 +90,8 @@ pub struct RestorePoint {
     /// Cut during a full sync: restores of later points apply it, but it is
     /// not a consistent image by itself.
     pub in_sync: bool,
+    /// An application-consistent point: [`Journal::tag`] names it.
+    pub tagged: bool,
     /// Segment number.
     pub segment: u64,
     /// Offset of the entry header in the segment.
@@ -100,6 +109,7 @@ impl RestorePoint {
             received_time_ns: header.received_time_ns,
             ends_on_barrier: header.ends_on_barrier,
             in_sync: header.in_sync,
+            tagged: header.tagged,
             segment,
             offset,
             body_len: header.body_len,
@@ -109,7 +119,7 @@ impl RestorePoint {
 
 /// The metadata of a batch to append; the journal adds the id and the
 /// received time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchMeta {
     pub first_seq: u64,
     pub last_seq: u64,
@@ -119,6 +129,8 @@ pub struct BatchMeta {
     pub ends_on_barrier: bool,
     /// The batch was cut before the source's full sync completed.
     pub in_sync: bool,
+    /// The batch ends on a tagged barrier: an application-consistent point.
+    pub tag: Option<Tag>,
 }
 
 /// An open journal: the index of its restore points and, unless read-only,
@@ -129,6 +141,8 @@ pub struct Journal {
     identity: Identity,
     segments: Vec<Segment>,
     points: Vec<RestorePoint>,
+    /// The tags of the tagged points, by entry id.
+    tags: BTreeMap<u64, Tag>,
     writer: Option<Writer>,
 }
 
@@ -155,6 +169,7 @@ impl Journal {
         let Scan {
             mut segments,
             points,
+            tags,
             torn,
             ..
         } = scan::scan(&jdir, Some(identity), Bodies::All)?;
@@ -204,6 +219,7 @@ impl Journal {
             identity,
             segments,
             points,
+            tags,
             writer: Some(Writer::new(dir_handle, file, options.segment_size)),
         };
         Ok((journal, report))
@@ -230,6 +246,7 @@ impl Journal {
             identity,
             segments,
             points,
+            tags,
             torn,
         } = scan::scan(&jdir, None, bodies)?;
         let identity = identity.ok_or_else(|| JournalError::Empty { path: jdir.clone() })?;
@@ -243,6 +260,7 @@ impl Journal {
             identity,
             segments,
             points,
+            tags,
             writer: None,
         };
         Ok((journal, report))
@@ -270,6 +288,11 @@ impl Journal {
     /// The restore points, oldest first.
     pub fn points(&self) -> &[RestorePoint] {
         &self.points
+    }
+
+    /// The tag of entry `id`, if it is a tagged point.
+    pub fn tag(&self, id: u64) -> Option<&str> {
+        self.tags.get(&id).map(Tag::as_str)
     }
 
     /// The last capture sequence number in the journal.
@@ -304,12 +327,19 @@ impl Journal {
                 .filter(|p| ids.contains(&p.id))
                 .copied()
                 .collect(),
+            tags: self
+                .tags
+                .iter()
+                .filter(|(id, _)| ids.contains(id))
+                .map(|(id, tag)| (*id, tag.clone()))
+                .collect(),
             writer: None,
         }
     }
 
     /// Reads the body of `point` back from disk, verifying its header and
-    /// body CRCs again.
+    /// body CRCs again: the session salt and the frame (a tagged entry's tag
+    /// is left out).
     pub fn read_body(&self, point: &RestorePoint) -> Result<Vec<u8>, JournalError> {
         let first = self.points.first().map_or(1, |p| p.id);
         let stored = point
@@ -352,6 +382,17 @@ impl Journal {
                 stored: header.body_crc,
                 computed,
             });
+        }
+        if header.tagged {
+            let (_, field_len) = decode_tag_field(&body, header.tag_crc).map_err(|source| {
+                JournalError::TagField {
+                    path: path.clone(),
+                    offset,
+                    id: header.id,
+                    source,
+                }
+            })?;
+            body.drain(..field_len);
         }
         Ok(body)
     }

@@ -1,4 +1,4 @@
-//! What restoring shares across tiers: how a user names a point, the
+//! What restoring shares across tiers: how a user names a point (id, time or tag), the
 //! errors, reading one journal entry back as a batch (its frame decrypted
 //! with the key file and the salt stored beside it), and times as users
 //! write them. Which points exist and the rebuild itself are in
@@ -17,13 +17,15 @@ use crate::journal::{Journal, JournalError, RestorePoint};
 pub const SALT_LEN: usize = 64;
 
 /// How a user names a point.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PointSelector {
     /// A restore point id, as `cdp points` shows it.
     Id(u64),
     /// The newest point at or before this time (ns since the epoch, the
     /// source's clock).
     AtOrBefore(u64),
+    /// The newest tagged point of this name.
+    Tag(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +38,8 @@ pub enum RestoreError {
     NoPoints,
     #[error("there is no restore point {0}; `cdp points` lists them")]
     UnknownPoint(u64),
+    #[error("no restore point is tagged {0:?}; `cdp points` lists the tags")]
+    UnknownTag(String),
     #[error("{requested} is before the first restore point ({first})")]
     TooEarly { requested: String, first: String },
     #[error("entry {id}: its body is shorter than a session salt")]

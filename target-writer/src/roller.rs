@@ -203,9 +203,9 @@ impl Worker {
         self.expire_short_term()
     }
 
-    /// The next roll due, if any: up to the newest restore point, once
-    /// `every` has passed since the newest long-term point (or since the
-    /// first restore point).
+    /// The next roll due, if any: up to the oldest tagged point not rolled
+    /// yet; else up to the newest restore point, once `every` has passed
+    /// since the newest long-term point (or since the first restore point).
     fn next_roll(&self) -> Option<RollPlan> {
         let store = self.store.as_ref()?;
         let newest = store.newest().map(|p| p.point);
@@ -216,6 +216,14 @@ impl Worker {
             .points()
             .iter()
             .filter(|p| p.id > after && !p.in_sync);
+        // A tagged point becomes a long-term point at once, whatever the schedule.
+        if let Some(tagged) = candidates.clone().find(|p| p.tagged) {
+            return Some(RollPlan {
+                slice: journal.read_only_slice(after + 1..=tagged.id),
+                to: *tagged,
+                tag: journal.tag(tagged.id).map(String::from),
+            });
+        }
         let to = *candidates.clone().next_back()?;
         let since = newest.map_or_else(
             || {

@@ -6,7 +6,9 @@
 //! (authenticity, replay, disk, sequence), appends it to the journal —
 //! which fdatasyncs — and only then acknowledges it. A batch the journal
 //! already holds (a resend after a reconnect) is acknowledged without being
-//! written twice.
+//! written twice. A tagged batch is journaled with its tag, and once it is
+//! acknowledged the long-term roller is woken to keep it as a long-term
+//! point at once.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -124,12 +126,12 @@ pub async fn run(
     let config = Arc::new(config);
     let current = Arc::new(CurrentSession::default());
     ready(addr);
-    let _roller = Roller::start(
+    let roller = Arc::new(Roller::start(
         config.dir.clone(),
         config.key.clone(),
         config.long_term,
         journal.clone(),
-    );
+    ));
     loop {
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -142,14 +144,21 @@ pub async fn run(
                 }
             },
         };
-        let (config, journal, current, shutdown) = (
+        let (config, journal, current, roller, shutdown) = (
             config.clone(),
             journal.clone(),
             current.clone(),
+            roller.clone(),
             shutdown.clone(),
         );
         tokio::spawn(async move {
-            match serve_source(stream, &config, &journal, &current, &shutdown).await {
+            let source = Source {
+                config: &config,
+                journal: &journal,
+                current: &current,
+                roller: &roller,
+            };
+            match serve_source(stream, source, &shutdown).await {
                 Ok(()) => tracing::info!(%peer, "source disconnected"),
                 Err(e) => tracing::warn!(%peer, "source connection ended: {e}"),
             }
@@ -168,13 +177,25 @@ fn open_existing(config: &TargetConfig) -> Result<Option<Journal>, TargetError> 
     Ok(Some(journal))
 }
 
+/// What a source connection shares with the rest of the target.
+struct Source<'a> {
+    config: &'a TargetConfig,
+    journal: &'a SharedJournal,
+    current: &'a CurrentSession,
+    roller: &'a Roller,
+}
+
 async fn serve_source(
     mut stream: TcpStream,
-    config: &TargetConfig,
-    journal: &SharedJournal,
-    current: &CurrentSession,
+    source: Source<'_>,
     shutdown: &CancellationToken,
 ) -> Result<(), ConnectionError> {
+    let Source {
+        config,
+        journal,
+        current,
+        roller,
+    } = source;
     stream.set_nodelay(true).map_err(SessionError::from)?;
     let mut replaced = None;
     let handshake = session::accept(&mut stream, &config.key, |hello| {
@@ -217,10 +238,15 @@ async fn serve_source(
         let mut body = Vec::with_capacity(SALT_LEN + frame.len());
         body.extend_from_slice(&session.salt.to_bytes());
         body.extend_from_slice(&frame);
-        let next_seq = tokio::task::block_in_place(|| append(journal, &meta, &batch, &body))?;
+        let (next_seq, tagged) =
+            tokio::task::block_in_place(|| append(journal, &meta, batch, &body))?;
         session
             .send_ack(&mut stream, hello.disk_id, next_seq)
             .await?;
+        if let Some(id) = tagged {
+            tracing::info!(point = id, "tagged point journaled");
+            roller.wake();
+        }
     }
 }
 
@@ -251,19 +277,20 @@ fn admit(
 }
 
 /// Appends one verified batch unless the journal already holds it; returns
-/// the next sequence number the target expects.
+/// the next sequence number the target expects and, if the batch was
+/// appended as a tagged point, its entry id.
 fn append(
     journal: &SharedJournal,
     meta: &FrameMeta,
-    batch: &Batch,
+    batch: Batch,
     body: &[u8],
-) -> Result<u64, ConnectionError> {
+) -> Result<(u64, Option<u64>), ConnectionError> {
     let mut guard = journal.lock().unwrap_or_else(PoisonError::into_inner);
     let journal = guard.as_mut().expect("an admitted source has a journal");
     let next = journal.last_seq().map_or(0, |last| last + 1);
     let (first, last) = (meta.first_seq, meta.last_seq);
     if last < next {
-        return Ok(next);
+        return Ok((next, None));
     }
     if first < next {
         return Err(ConnectionError::Overlap {
@@ -285,7 +312,11 @@ fn append(
         point_time_ns: meta.point_time_ns,
         ends_on_barrier: batch.ends_on_barrier,
         in_sync: batch.in_sync,
+        tag: batch.tag,
     };
-    journal.append(batch_meta, body)?;
-    Ok(last + 1)
+    let point = journal.append(batch_meta, body)?;
+    if let Some(tag) = journal.tag(point.id) {
+        tracing::info!(id = point.id, seq = last, tag, "tagged point journaled");
+    }
+    Ok((last + 1, point.tagged.then_some(point.id)))
 }

@@ -52,7 +52,8 @@ fn points_and_bodies_survive_a_reopen_over_many_segments() {
         assert_eq!(point.point_time_ns, b.point_time_ns);
         assert_eq!(point.ends_on_barrier, b.ends_on_barrier);
         assert_eq!(point.in_sync, b.in_sync);
-        assert_eq!(point.body_len as usize, body(n).len());
+        assert_eq!(point.body_len as usize, body(n).len() + tag_field_len(n));
+        assert_eq!(point.tagged, b.tag.is_some());
         assert!((before..=after).contains(&point.received_time_ns));
     }
     let (journal, report) = open(dir.path(), options(1024));
@@ -62,6 +63,7 @@ fn points_and_bodies_survive_a_reopen_over_many_segments() {
     assert_eq!(journal.last_seq(), Some(batch(60).last_seq));
     for (n, point) in (1..).zip(journal.points()) {
         assert_eq!(journal.read_body(point).unwrap(), body(n), "batch {n}");
+        assert_eq!(journal.tag(point.id), tag(n).as_deref(), "batch {n}");
     }
     let mut on_disk = 0;
     for number in 1..=segments {
@@ -98,12 +100,13 @@ fn sequence_ranges_must_continue_the_journal() {
         point_time_ns: 5,
         ends_on_barrier: true,
         in_sync: false,
+        tag: None,
     };
-    journal.append(first, b"any first range").unwrap();
+    journal.append(first.clone(), b"any first range").unwrap();
     let with = |first_seq, last_seq| BatchMeta {
         first_seq,
         last_seq,
-        ..first
+        ..first.clone()
     };
     for (a, b) in [(2, 5), (0, 3), (0, 0)] {
         let err = journal.append(with(a, b), b"x").unwrap_err();
@@ -145,11 +148,13 @@ fn an_entry_too_big_for_a_fresh_segment_goes_in_alone() {
     assert_eq!((p4.segment, p4.offset), (4, HEADER));
     assert_eq!(
         file_len(&segment_path(dir.path(), 2)),
-        HEADER + ENTRY + 1000
+        HEADER + ENTRY + 1000 + tag_field_len(2) as u64
     );
     drop(journal);
     let (journal, _) = open(dir.path(), options(256));
     assert_eq!(journal.read_body(&p3).unwrap(), big);
+    assert_eq!(journal.read_body(&p2).unwrap(), big);
+    assert_eq!(journal.tag(2), tag(2).as_deref());
 }
 
 #[test]
@@ -240,4 +245,35 @@ proptest! {
             prop_assert_eq!(&journal.read_body(point).unwrap(), body);
         }
     }
+}
+
+#[test]
+fn a_tag_selects_the_newest_point_of_that_name() {
+    use filter::capture::Tag;
+    use target_writer::history::{Check, History};
+    use target_writer::restore::{PointSelector, RestoreError};
+    let dir = tempfile::tempdir().unwrap();
+    fill(dir.path(), 12, 1024);
+    let (mut journal, _) = open(dir.path(), options(1024));
+    let by_tag = |name: &str| {
+        let history = History::open(dir.path(), Check::Everything).unwrap();
+        history.select(PointSelector::Tag(name.into()))
+    };
+    assert_eq!(by_tag("point 7 ✓").unwrap().id, 7);
+    let again = BatchMeta {
+        tag: Some(Tag::new("point 7 ✓").unwrap()),
+        ends_on_barrier: true,
+        in_sync: false,
+        ..batch(13)
+    };
+    journal.append(again, &body(13)).unwrap();
+    assert_eq!(by_tag("point 7 ✓").unwrap().id, 13);
+    let err = by_tag("point 8 ✓").unwrap_err();
+    assert!(
+        matches!(err, RestoreError::UnknownTag(ref name) if name == "point 8 ✓"),
+        "{err}"
+    );
+    let (read_only, _) = Journal::open_read_only(dir.path()).unwrap();
+    assert_eq!(read_only.tag(13), Some("point 7 ✓"));
+    assert_eq!(by_tag("point 12 ✓").unwrap().id, 12);
 }

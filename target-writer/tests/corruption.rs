@@ -208,3 +208,53 @@ fn a_damaged_header_is_corruption_however_far_away_the_next_entry_is() {
     });
     assert!(matches!(err, JournalError::EntryHeader { .. }), "{err}");
 }
+
+/// A tagged entry whose tag field is bad though its body CRC checks out:
+/// a tag byte changed behind the tag CRC's back, or (CRCs and all) no tag,
+/// not UTF-8, a control character, longer than the body — what a faulty
+/// writer would leave. It is corruption, reported where the entry is.
+#[test]
+fn a_tagged_entry_with_a_bad_tag_is_corruption_even_with_good_crcs() {
+    use std::os::unix::fs::FileExt;
+    use target_writer::format::TagFieldError;
+    let (src, points) = pristine();
+    let point = *points.iter().find(|p| p.tagged).expect("a tagged point");
+    assert!(
+        point.body_len < 255,
+        "the body must be shorter than the longest tag"
+    );
+    for (at, value, fix_tag_crc) in [
+        (3, b'X', false),
+        (0, 0, true),
+        (2, 0xff, true),
+        (1, b'\n', true),
+        (0, 255, true),
+    ] {
+        let err = refused(src.path(), (point.segment, point.offset), |dir| {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(segment_path(dir, point.segment))
+                .unwrap();
+            let mut raw = [0u8; ENTRY_HEADER_LEN];
+            file.read_exact_at(&mut raw, point.offset).unwrap();
+            let mut header = EntryHeader::decode(&raw).unwrap();
+            let mut body = vec![0u8; point.body_len as usize];
+            file.read_exact_at(&mut body, point.offset + ENTRY).unwrap();
+            body[at] = value;
+            header.body_crc = crc32c::crc32c(&body);
+            if fix_tag_crc {
+                let field_len = (1 + usize::from(body[0])).min(body.len());
+                header.tag_crc = crc32c::crc32c(&body[..field_len]);
+            }
+            file.write_all_at(&header.encode(), point.offset).unwrap();
+            file.write_all_at(&body, point.offset + ENTRY).unwrap();
+        });
+        let JournalError::TagField { id, source, .. } = &err else {
+            panic!("byte {at} = {value}: {err}");
+        };
+        assert_eq!(*id, point.id);
+        let crc_failed = matches!(source, TagFieldError::Crc { .. });
+        assert_eq!(crc_failed, !fix_tag_crc, "byte {at} = {value}: {err}");
+    }
+}

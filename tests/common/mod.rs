@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses its own subset of the harness
 
 pub mod replication;
+pub mod tagged;
 
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
@@ -770,6 +771,8 @@ pub struct Point {
     pub bytes: u64,
     pub ends_on_barrier: bool,
     pub rpo_ms: f64,
+    /// The name of a tagged (application-consistent) point.
+    pub tag: Option<String>,
 }
 
 /// `cdp points --dir DIR --json`, parsed; panics with the output if a row
@@ -804,6 +807,11 @@ pub fn points(dir: &Path) -> Vec<Point> {
                 rpo_ms: row["rpo_ms"]
                     .as_f64()
                     .unwrap_or_else(|| panic!("no \"rpo_ms\" in {row}")),
+                tag: match &row["tag"] {
+                    serde_json::Value::Null if row.get("tag").is_some() => None,
+                    serde_json::Value::String(tag) => Some(tag.clone()),
+                    _ => panic!("no \"tag\" (a string or null) in {row}"),
+                },
             }
         })
         .collect()

@@ -184,14 +184,18 @@ pub fn table(points: &[Point]) -> String {
         .iter()
         .map(|p| {
             format!(
-                "  {:>4}  {} ({})  seq {}..{}  {} bytes{}",
+                "  {:>4}  {} ({})  seq {}..{}  {} bytes{}{}",
                 p.id,
                 p.time,
                 p.time_ns,
                 p.first_seq,
                 p.last_seq,
                 p.bytes,
-                if p.ends_on_barrier { "  barrier" } else { "" }
+                if p.ends_on_barrier { "  barrier" } else { "" },
+                p.tag
+                    .as_ref()
+                    .map(|tag| format!("  tag {tag:?}"))
+                    .unwrap_or_default()
             )
         })
         .collect::<Vec<_>>()

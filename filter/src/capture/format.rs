@@ -1,11 +1,11 @@
-//! On-disk layout of the capture log, version 1. Specified in
-//! `docs/FORMATS.md`; everything is little-endian and every header carries a
-//! CRC32C.
+//! On-disk layout of the capture log, version 2 (version 1 is read too: it
+//! is version 2 without tag records). Specified in `docs/FORMATS.md`;
+//! everything is little-endian and every header carries a CRC32C.
 //!
 //! ```text
 //! file header (64 bytes)
 //!   0  [u8; 8]  magic "CDPCAPLG"
-//!   8  u32      version (1)
+//!   8  u32      version (2; 1 in older logs)
 //!  12  u32      header length (64)
 //!  16  u64      size of the captured disk in bytes
 //!  24  u64      sequence number of the first record
@@ -13,22 +13,27 @@
 //!  60  u32      CRC32C of bytes 0..60
 //! record header (48 bytes), followed by `payload length` bytes of data
 //!   0  u32      magic "CREC" (0x43455243 read as little-endian u32)
-//!   4  u8       kind: 1 write, 2 trim, 3 zero, 4 flush
+//!   4  u8       kind: 1 write, 2 trim, 3 zero, 4 flush, 5 tag (version 2)
 //!   5  u8       flags: bit 0 FUA
 //!   6  u16      reserved, zero
 //!   8  u64      sequence number
 //!  16  u64      offset on the disk
 //!  24  u64      length on the disk
-//!  32  u32      payload length (the length for writes, 0 otherwise)
+//!  32  u32      payload length (the length for writes, the tag's length
+//!               (1..=255) for tags, 0 otherwise)
 //!  36  u32      CRC32C of the payload
 //!  40  u32      reserved, zero
 //!  44  u32      CRC32C of bytes 0..44
 //! ```
 
 use super::record::RecordKind;
+use super::tag::MAX_TAG_LEN;
 
 pub const FILE_MAGIC: [u8; 8] = *b"CDPCAPLG";
-pub const VERSION: u32 = 1;
+/// The version this code writes; it reads this one and every earlier one.
+pub const VERSION: u32 = 2;
+/// The first version that may hold tag records.
+pub const TAG_VERSION: u32 = 2;
 pub const FILE_HEADER_LEN: usize = 64;
 pub const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"CREC");
 pub const RECORD_HEADER_LEN: usize = 48;
@@ -37,6 +42,7 @@ const FLAG_FUA: u8 = 1;
 /// The capture log's file header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileHeader {
+    pub version: u32,
     pub disk_size: u64,
     pub first_seq: u64,
 }
@@ -58,7 +64,7 @@ pub struct RecordHeader {
 pub enum HeaderError {
     #[error("bad magic {0:02x?}")]
     Magic(Vec<u8>),
-    #[error("unsupported version {0} (this build reads version {VERSION})")]
+    #[error("unsupported version {0} (this build reads versions 1 to {VERSION})")]
     Version(u32),
     #[error("header CRC mismatch (stored {stored:#010x}, computed {computed:#010x})")]
     Crc { stored: u32, computed: u32 },
@@ -94,7 +100,7 @@ impl FileHeader {
     pub fn encode(&self) -> [u8; FILE_HEADER_LEN] {
         let mut b = [0u8; FILE_HEADER_LEN];
         b[0..8].copy_from_slice(&FILE_MAGIC);
-        b[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        b[8..12].copy_from_slice(&self.version.to_le_bytes());
         b[12..16].copy_from_slice(&(FILE_HEADER_LEN as u32).to_le_bytes());
         b[16..24].copy_from_slice(&self.disk_size.to_le_bytes());
         b[24..32].copy_from_slice(&self.first_seq.to_le_bytes());
@@ -109,10 +115,11 @@ impl FileHeader {
         }
         check_crc(b, 60)?;
         let version = u32_at(b, 8);
-        if version != VERSION {
+        if !(1..=VERSION).contains(&version) {
             return Err(HeaderError::Version(version));
         }
         Ok(FileHeader {
+            version,
             disk_size: u64_at(b, 16),
             first_seq: u64_at(b, 24),
         })
@@ -126,6 +133,7 @@ impl RecordKind {
             RecordKind::Trim => 2,
             RecordKind::Zero => 3,
             RecordKind::Flush => 4,
+            RecordKind::Tag => 5,
         }
     }
 
@@ -135,6 +143,7 @@ impl RecordKind {
             2 => RecordKind::Trim,
             3 => RecordKind::Zero,
             4 => RecordKind::Flush,
+            5 => RecordKind::Tag,
             other => return Err(HeaderError::Kind(other)),
         })
     }
@@ -171,12 +180,14 @@ impl RecordHeader {
             payload_len: u32_at(b, 32),
             payload_crc: u32_at(b, 36),
         };
-        let expected = if header.kind == RecordKind::Write {
-            header.len
-        } else {
-            0
+        let fits = match header.kind {
+            RecordKind::Write => u64::from(header.payload_len) == header.len,
+            RecordKind::Tag => {
+                header.len == 0 && (1..=MAX_TAG_LEN as u32).contains(&header.payload_len)
+            }
+            RecordKind::Trim | RecordKind::Zero | RecordKind::Flush => header.payload_len == 0,
         };
-        if u64::from(header.payload_len) != expected {
+        if !fits {
             return Err(HeaderError::PayloadLength {
                 kind: header.kind,
                 len: header.len,
@@ -194,6 +205,7 @@ mod tests {
     #[test]
     fn headers_round_trip() {
         let file = FileHeader {
+            version: VERSION,
             disk_size: 1 << 30,
             first_seq: 77,
         };
@@ -208,6 +220,46 @@ mod tests {
             payload_crc: crc32c::crc32c(b"abc"),
         };
         assert_eq!(RecordHeader::decode(&record.encode()), Ok(record));
+    }
+
+    #[test]
+    fn tag_records_round_trip_and_their_lengths_are_checked() {
+        let tag = RecordHeader {
+            kind: RecordKind::Tag,
+            fua: false,
+            seq: 8,
+            offset: 0,
+            len: 0,
+            payload_len: 14,
+            payload_crc: crc32c::crc32c(b"before-upgrade"),
+        };
+        assert_eq!(RecordHeader::decode(&tag.encode()), Ok(tag));
+        for (len, payload_len) in [(0, 0), (0, 256), (14, 14)] {
+            let bad = RecordHeader {
+                len,
+                payload_len,
+                ..tag
+            };
+            assert_eq!(
+                RecordHeader::decode(&bad.encode()),
+                Err(HeaderError::PayloadLength {
+                    kind: RecordKind::Tag,
+                    len,
+                    payload_len
+                })
+            );
+        }
+        let v1 = FileHeader {
+            version: 1,
+            disk_size: 4096,
+            first_seq: 0,
+        };
+        assert_eq!(FileHeader::decode(&v1.encode()), Ok(v1));
+        let v3 = FileHeader { version: 3, ..v1 };
+        assert_eq!(
+            FileHeader::decode(&v3.encode()),
+            Err(HeaderError::Version(3))
+        );
     }
 
     #[test]

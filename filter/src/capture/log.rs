@@ -6,6 +6,11 @@
 //! reopening for append truncates it, replay stops before it and says so. A
 //! record that fails its CRC, or breaks the sequence, is corruption: it is
 //! reported with path and offset and never skipped.
+//!
+//! Versions: new logs are written as version 2, which may hold tag records.
+//! Opening a version 1 log for append rewrites its header as version 2
+//! (a version 1 log is a valid version 2 log), so a tag never lands in a
+//! file that says it cannot hold one.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, ErrorKind, Read, Seek, SeekFrom, Write};
@@ -14,8 +19,11 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 
-use super::format::{FileHeader, HeaderError, RecordHeader, FILE_HEADER_LEN, RECORD_HEADER_LEN};
+use super::format::{
+    FileHeader, HeaderError, RecordHeader, FILE_HEADER_LEN, RECORD_HEADER_LEN, TAG_VERSION, VERSION,
+};
 use super::record::{Record, RecordKind};
+use super::tag::{Tag, TagError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
@@ -49,6 +57,21 @@ pub enum LogError {
     },
     #[error("{path}: the log is of a {log} byte disk, but this disk has {disk} bytes")]
     DiskSizeMismatch { path: PathBuf, log: u64, disk: u64 },
+    #[error("{path}: tag record seq {seq} at offset {offset} in a version {version} log (tags need version {TAG_VERSION})")]
+    TagInOldLog {
+        path: PathBuf,
+        offset: u64,
+        seq: u64,
+        version: u32,
+    },
+    #[error("{path}: tag record seq {seq} at offset {offset}: {source}")]
+    BadTag {
+        path: PathBuf,
+        offset: u64,
+        seq: u64,
+        #[source]
+        source: TagError,
+    },
     #[error("{path}: record at offset {offset} reaches past the end of the {disk_size} byte disk")]
     OutOfRange {
         path: PathBuf,
@@ -170,6 +193,9 @@ impl LogReader {
                 seq: header.seq,
             });
         }
+        if header.kind == RecordKind::Tag {
+            self.check_tag(start, header.seq, &payload)?;
+        }
         self.offset = start + (RECORD_HEADER_LEN + payload.len()) as u64;
         self.next_seq += 1;
         Ok(Some(Record {
@@ -180,6 +206,26 @@ impl LogReader {
             len: header.len,
             data: Bytes::from(payload),
         }))
+    }
+
+    /// A tag record must be in a log that may hold one and name a valid tag.
+    fn check_tag(&self, offset: u64, seq: u64, payload: &[u8]) -> Result<(), LogError> {
+        if self.header.version < TAG_VERSION {
+            return Err(LogError::TagInOldLog {
+                path: self.path.clone(),
+                offset,
+                seq,
+                version: self.header.version,
+            });
+        }
+        Tag::from_bytes(payload)
+            .map(drop)
+            .map_err(|source| LogError::BadTag {
+                path: self.path.clone(),
+                offset,
+                seq,
+                source,
+            })
     }
 
     fn torn(&mut self, offset: u64) -> Result<Option<Record>, LogError> {
@@ -225,6 +271,7 @@ impl LogWriter {
         let (end, next_seq) = if existing == 0 {
             let mut file = File::create(path).map_err(io_err("create", 0))?;
             let header = FileHeader {
+                version: VERSION,
                 disk_size,
                 first_seq: 0,
             };
@@ -248,6 +295,9 @@ impl LogWriter {
                     dropped_bytes = existing - torn,
                     "capture log ends in a torn record; truncating it"
                 );
+            }
+            if reader.header().version < VERSION {
+                upgrade(path, reader.header())?;
             }
             (reader.offset(), reader.next_seq())
         };
@@ -309,6 +359,25 @@ impl LogWriter {
     }
 }
 
+/// Rewrites the header of an older log at `path` as the current version,
+/// durably, before anything is appended to it.
+fn upgrade(path: &Path, old: FileHeader) -> Result<(), LogError> {
+    let io_err = |op| io_error(path, op, 0);
+    let header = FileHeader {
+        version: VERSION,
+        ..old
+    };
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io_err("open"))?;
+    file.write_all_at(&header.encode(), 0)
+        .map_err(io_err("rewrite file header"))?;
+    file.sync_data().map_err(io_err("fsync"))?;
+    tracing::info!(path = %path.display(), from = old.version, to = VERSION, "capture log header upgraded");
+    Ok(())
+}
+
 /// What [`replay`] applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ReplaySummary {
@@ -354,7 +423,7 @@ pub fn replay(log: &Path, image: &Path) -> Result<ReplaySummary, LogError> {
                 zero_range(&out, record.offset, record.len)
                     .map_err(io_err("zero image range", record.offset))?;
             }
-            RecordKind::Flush => {}
+            RecordKind::Flush | RecordKind::Tag => {}
         }
         summary.records += 1;
     }
@@ -469,6 +538,105 @@ mod tests {
             matches!(err, LogError::PayloadCrc { offset, seq: 0, .. } if offset == FILE_HEADER_LEN as u64),
             "{err}"
         );
+    }
+
+    /// Writes a record header and payload at the end of `log` as they are
+    /// on disk, whatever they say.
+    fn append_raw(log: &Path, header: RecordHeader, payload: &[u8]) {
+        let mut file = OpenOptions::new().append(true).open(log).unwrap();
+        file.write_all(&header.encode()).unwrap();
+        file.write_all(payload).unwrap();
+    }
+
+    fn tag_header(seq: u64, payload: &[u8]) -> RecordHeader {
+        RecordHeader {
+            kind: RecordKind::Tag,
+            fua: false,
+            seq,
+            offset: 0,
+            len: 0,
+            payload_len: payload.len() as u32,
+            payload_crc: crc32c::crc32c(payload),
+        }
+    }
+
+    #[test]
+    fn tag_records_round_trip_and_replay_as_barriers() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = sample_log(dir.path());
+        let (mut writer, next) = LogWriter::open(&log, 1 << 20).unwrap();
+        assert_eq!(next, 3);
+        let tagged = record(3, RecordKind::Tag, 0, "vor dem Update".as_bytes(), 0);
+        writer.append(&tagged).unwrap();
+        writer
+            .append(&record(4, RecordKind::Write, 0, b"x", 1))
+            .unwrap();
+        writer.close().unwrap();
+        let mut reader = LogReader::open(&log).unwrap();
+        assert_eq!(reader.header().version, VERSION);
+        let records: Vec<Record> = std::iter::from_fn(|| reader.next_record().unwrap()).collect();
+        assert_eq!(records[3], tagged);
+        assert!(records[3].is_barrier());
+        assert_eq!(
+            records[3].tag().map(|t| t.to_string()).as_deref(),
+            Some("vor dem Update")
+        );
+        let summary = replay(&log, &dir.path().join("image")).unwrap();
+        assert_eq!(summary.next_seq, 5);
+    }
+
+    #[test]
+    fn a_version_1_log_is_upgraded_when_opened_for_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = sample_log(dir.path());
+        let v1 = FileHeader {
+            version: 1,
+            disk_size: 1 << 20,
+            first_seq: 0,
+        };
+        let file = OpenOptions::new().write(true).open(&log).unwrap();
+        file.write_all_at(&v1.encode(), 0).unwrap();
+        drop(file);
+        // A tag in a version 1 log is refused, naming the record.
+        let plain = dir.path().join("plain.log");
+        std::fs::copy(&log, &plain).unwrap();
+        append_raw(&plain, tag_header(3, b"t"), b"t");
+        let err = replay(&plain, &dir.path().join("image")).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                LogError::TagInOldLog {
+                    seq: 3,
+                    version: 1,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // Opened for append, it becomes version 2 and keeps its records.
+        let (mut writer, next) = LogWriter::open(&log, 1 << 20).unwrap();
+        assert_eq!(next, 3);
+        writer
+            .append(&record(3, RecordKind::Tag, 0, b"t", 0))
+            .unwrap();
+        writer.close().unwrap();
+        let reader = LogReader::open(&log).unwrap();
+        assert_eq!(reader.header(), FileHeader { version: 2, ..v1 });
+        assert_eq!(replay(&log, &dir.path().join("image")).unwrap().records, 4);
+    }
+
+    #[test]
+    fn a_tag_record_naming_no_valid_tag_is_refused() {
+        for payload in [&b"bad\xff"[..], b"line\nbreak"] {
+            let dir = tempfile::tempdir().unwrap();
+            let log = sample_log(dir.path());
+            append_raw(&log, tag_header(3, payload), payload);
+            let err = replay(&log, &dir.path().join("image")).unwrap_err();
+            assert!(
+                matches!(err, LogError::BadTag { seq: 3, .. }),
+                "{payload:?}: {err}"
+            );
+        }
     }
 
     #[test]

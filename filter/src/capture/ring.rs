@@ -113,7 +113,7 @@ impl CaptureSender {
             .map_err(|_| CaptureClosed)?;
         credits.forget();
         let seq = self.shared.next_seq.fetch_add(1, Ordering::Relaxed);
-        let barrier = kind == RecordKind::Flush || fua;
+        let barrier = kind.is_barrier() || fua;
         let record = Record {
             seq,
             kind,

@@ -25,6 +25,7 @@ enum Op {
     Trim { offset: u64, len: u64 },
     Zero { offset: u64, len: u64 },
     Flush,
+    Tag,
 }
 
 /// An op, whether it is FUA, and whether to cut a batch after it.
@@ -51,6 +52,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => range().prop_map(|(offset, len)| Op::Trim { offset, len }),
         2 => range().prop_map(|(offset, len)| Op::Zero { offset, len }),
         1 => Just(Op::Flush),
+        1 => Just(Op::Tag),
     ]
 }
 
@@ -76,11 +78,12 @@ fn record(seq: u64, op: Op, fua: bool) -> Record {
         Op::Trim { offset, len } => (RecordKind::Trim, offset, len, Bytes::new()),
         Op::Zero { offset, len } => (RecordKind::Zero, offset, len, Bytes::new()),
         Op::Flush => (RecordKind::Flush, 0, 0, Bytes::new()),
+        Op::Tag => (RecordKind::Tag, 0, 0, Bytes::from(format!("tag {seq}"))),
     };
     Record {
         seq,
         kind,
-        fua: fua && kind != RecordKind::Flush,
+        fua: fua && !kind.is_barrier(),
         offset,
         len,
         data,
@@ -102,6 +105,7 @@ struct Model {
     next_seq: u64,
     first_seq: u64,
     last_was_barrier: bool,
+    last_tag: Option<Tag>,
 }
 
 impl Model {
@@ -112,6 +116,7 @@ impl Model {
             next_seq: first_seq,
             first_seq,
             last_was_barrier: false,
+            last_tag: None,
         }
     }
 
@@ -132,9 +137,12 @@ impl Model {
                 self.touched[range].fill(Some(Touched::Zeros));
             }
             RecordKind::Flush => {}
+            RecordKind::Tag => {}
         }
         self.next_seq = record.seq + 1;
         self.last_was_barrier = record.is_barrier();
+        self.last_tag = (record.kind == RecordKind::Tag)
+            .then(|| Tag::new(&format!("tag {}", record.seq)).unwrap());
     }
 
     /// Checks a batch just taken against the model, and starts a new one.
@@ -142,6 +150,7 @@ impl Model {
         prop_assert_eq!(batch.first_seq, self.first_seq, "seq ranges not contiguous");
         prop_assert_eq!(batch.last_seq, self.next_seq - 1);
         prop_assert_eq!(batch.ends_on_barrier, self.last_was_barrier);
+        prop_assert_eq!(&batch.tag, &self.last_tag);
         check_shape(batch)?;
         let mut covered = vec![None; DISK as usize];
         for extent in &batch.extents {
@@ -263,7 +272,7 @@ proptest! {
     #[test]
     fn decode_rejects_every_truncation(steps in steps(60), barrier in any::<bool>()) {
         let mut batch = one_batch(&steps);
-        batch.ends_on_barrier = barrier;
+        batch.ends_on_barrier = barrier || batch.tag.is_some(); // a tagged batch ends on a barrier
         let payload = batch.encode();
         prop_assert_eq!(Batch::decode(&payload, batch.first_seq, batch.last_seq), Ok(batch.clone()));
         for len in 0..payload.len() {
@@ -350,6 +359,7 @@ fn overlaps_split_trim_and_merge() {
             last_seq: 10,
             ends_on_barrier: true,
             in_sync: false,
+            tag: None,
             extents: vec![
                 data(8, b"XYZ"),
                 data(11, b"bc"),
@@ -394,6 +404,7 @@ fn encoding_is_the_documented_layout() {
         last_seq: 2,
         ends_on_barrier: false,
         in_sync: false,
+        tag: None,
         extents: vec![data(0x0102, b"hi"), Extent::Zero { offset: 9, len: 3 }],
     };
     let mut expected = vec![1, 0, 2, 0, 0, 0];
@@ -426,8 +437,8 @@ fn decode_says_what_is_wrong_and_where() {
         BatchError::Version { at: 0, version: 2 }
     );
     assert_eq!(
-        decode(&payload(5, 0, &[])),
-        BatchError::Flags { at: 1, flags: 5 }
+        decode(&payload(9, 0, &[])),
+        BatchError::Flags { at: 1, flags: 9 }
     );
     assert_eq!(
         decode(&payload(0, 2, &[(2, 0, 1, b"")])),
@@ -508,6 +519,7 @@ fn apply_zeroes_and_writes() {
         last_seq: 0,
         ends_on_barrier: false,
         in_sync: false,
+        tag: None,
         extents: vec![
             data(1, b"xy"),
             Extent::Zero {
@@ -522,4 +534,101 @@ fn apply_zeroes_and_writes() {
     assert_eq!(&bytes[..5], &[BEFORE, b'x', b'y', BEFORE, 0]);
     assert!(bytes[4..8196].iter().all(|&b| b == 0));
     assert_eq!(bytes[8196], BEFORE);
+}
+
+fn tag_record(seq: u64, name: &str) -> Record {
+    Record {
+        seq,
+        kind: RecordKind::Tag,
+        fua: false,
+        offset: 0,
+        len: 0,
+        data: Bytes::copy_from_slice(name.as_bytes()),
+    }
+}
+
+#[test]
+fn a_batch_ending_on_a_tagged_barrier_carries_the_tag() {
+    let mut builder = BatchBuilder::new();
+    builder.push(&write(0, 4, b"ab", false));
+    builder.push(&tag_record(1, "v1"));
+    let batch = builder.take().unwrap();
+    assert_eq!(batch.tag, Some(Tag::new("v1").unwrap()));
+    assert!(batch.ends_on_barrier);
+    assert_eq!(batch.extents, [data(4, b"ab")]);
+    // Header, then the tag (length, bytes), then the extents.
+    let mut expected = vec![1, 1 | 4, 1, 0, 0, 0, 2, b'v', b'1'];
+    expected.extend_from_slice(&[1, 4, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0]);
+    expected.extend_from_slice(b"ab");
+    let payload = batch.encode();
+    assert_eq!(payload, expected);
+    assert_eq!(Batch::decode(&payload, 0, 1), Ok(batch));
+    // A tag followed by more records is no longer the batch's end.
+    builder.push(&tag_record(2, "v2"));
+    builder.push(&write(3, 0, b"c", false));
+    assert_eq!(builder.take().unwrap().tag, None);
+}
+
+#[test]
+fn bad_tags_are_refused_with_their_offset() {
+    let decode = |payload: &[u8]| Batch::decode(payload, 0, 0).unwrap_err();
+    let tagged = |tag: &[u8]| {
+        let mut out = vec![1, 1 | 4, 0, 0, 0, 0, tag.len() as u8];
+        out.extend_from_slice(tag);
+        out
+    };
+    assert_eq!(
+        decode(&tagged(b"a\xffb")),
+        BatchError::Tag {
+            at: 6,
+            source: TagError::NotUtf8(1)
+        }
+    );
+    assert_eq!(
+        decode(&tagged(b"")),
+        BatchError::Tag {
+            at: 6,
+            source: TagError::Empty
+        }
+    );
+    assert_eq!(
+        decode(&tagged(b"a\tb")),
+        BatchError::Tag {
+            at: 6,
+            source: TagError::Control('\t', 1)
+        }
+    );
+    assert_eq!(
+        decode(&tagged(b"abc")[..8]),
+        BatchError::Truncated {
+            what: "tag",
+            at: 7,
+            needed: 3,
+            available: 1
+        }
+    );
+    let mut no_barrier = tagged(b"x");
+    no_barrier[1] = 4;
+    assert_eq!(
+        decode(&no_barrier),
+        BatchError::TagWithoutBarrier { at: 1, flags: 4 }
+    );
+    // The longest tag fits; a tag is never longer (its length is one byte).
+    let longest = tagged(&[b'x'; 255]);
+    let batch = Batch::decode(&longest, 0, 0).unwrap();
+    assert_eq!(batch.tag.map(|t| t.as_str().len()), Some(255));
+}
+
+#[test]
+fn a_flipped_bit_of_a_tagged_payload_is_refused_or_reencodes_exactly() {
+    let mut builder = BatchBuilder::new();
+    builder.push(&tag_record(0, "tag"));
+    let payload = builder.take().unwrap().encode();
+    for bit in 0..payload.len() * 8 {
+        let mut bad = payload.clone();
+        bad[bit / 8] ^= 1 << (bit % 8);
+        if let Ok(decoded) = Batch::decode(&bad, 0, 0) {
+            assert_eq!(decoded.encode(), bad, "bit {bit}");
+        }
+    }
 }

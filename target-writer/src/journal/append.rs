@@ -1,7 +1,7 @@
-//! Appending: checks that a batch continues the journal, writes its entry,
-//! rolls to a new segment when the newest is full, and makes every step
-//! durable before it returns. Also the writer's other change, removing old
-//! segments (short-term retention).
+//! Appending: checks that a batch continues the journal, writes its entry
+//! (a tagged batch's tag first in the body), rolls to a new segment when the
+//! newest is full, and makes every step durable before it returns. Also the
+//! writer's other change, removing old segments (short-term retention).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -12,7 +12,8 @@ use super::files::{self, io_err};
 use super::scan::Segment;
 use super::{BatchMeta, Journal, JournalError, RestorePoint};
 use crate::format::{
-    segment_file_name, EntryHeader, SegmentHeader, ENTRY_HEADER_LEN, SEGMENT_HEADER_LEN,
+    encode_tag_field, segment_file_name, EntryHeader, SegmentHeader, ENTRY_HEADER_LEN,
+    SEGMENT_HEADER_LEN,
 };
 
 /// The writing side of a journal opened for appending.
@@ -43,17 +44,23 @@ impl Writer {
 impl Journal {
     /// Appends one batch as a new restore point and makes it durable
     /// (fdatasync) before returning. The batch must continue the journal's
-    /// sequence: its first seq is one past the journal's last. After an I/O
-    /// error the journal refuses further appends until reopened.
+    /// sequence: its first seq is one past the journal's last. `body` is
+    /// the session salt and frame; a tagged batch's tag goes before it. After
+    /// an I/O error the journal refuses further appends until reopened.
     pub fn append(&mut self, batch: BatchMeta, body: &[u8]) -> Result<RestorePoint, JournalError> {
         let segment_size = self.writer()?.segment_size;
-        let header = self.entry_header(batch, body)?;
+        let tag_field = batch.tag.as_ref().map(encode_tag_field).unwrap_or_default();
+        let header = self.entry_header(&batch, &tag_field, body)?;
         let newest = self.newest();
         let has_entries = newest.len > SEGMENT_HEADER_LEN as u64;
         if has_entries && newest.len.saturating_add(header.entry_len()) > segment_size {
             self.roll(header.id)?;
         }
-        self.write_entry(&header, body)
+        let point = self.write_entry(&header, &tag_field, body)?;
+        if let Some(tag) = batch.tag {
+            self.tags.insert(point.id, tag);
+        }
+        Ok(point)
     }
 
     /// Short-term retention: removes the oldest segments whose entries all
@@ -119,8 +126,14 @@ impl Journal {
         self.segments.last().expect("an open journal has a segment")
     }
 
-    /// The header for `batch`, once it is known to continue the journal.
-    fn entry_header(&self, batch: BatchMeta, body: &[u8]) -> Result<EntryHeader, JournalError> {
+    /// The header for `batch`, whose body is `tag_field` then `body`, once
+    /// it is known to continue the journal.
+    fn entry_header(
+        &self,
+        batch: &BatchMeta,
+        tag_field: &[u8],
+        body: &[u8],
+    ) -> Result<EntryHeader, JournalError> {
         if batch.first_seq > batch.last_seq {
             return Err(JournalError::SeqRange {
                 first_seq: batch.first_seq,
@@ -136,18 +149,24 @@ impl Journal {
                 });
             }
         }
-        let body_len = u32::try_from(body.len())
-            .map_err(|_| JournalError::BodyTooLarge { len: body.len() })?;
+        let len = tag_field.len() + body.len();
+        let body_len = u32::try_from(len).map_err(|_| JournalError::BodyTooLarge { len })?;
         Ok(EntryHeader {
             ends_on_barrier: batch.ends_on_barrier,
             in_sync: batch.in_sync,
+            tagged: batch.tag.is_some(),
             id: self.points.last().map_or(1, |p| p.id + 1),
             first_seq: batch.first_seq,
             last_seq: batch.last_seq,
             point_time_ns: batch.point_time_ns,
             received_time_ns: now_ns(),
             body_len,
-            body_crc: crc32c::crc32c(body),
+            body_crc: crc32c::crc32c_append(crc32c::crc32c(tag_field), body),
+            tag_crc: if tag_field.is_empty() {
+                0
+            } else {
+                crc32c::crc32c(tag_field)
+            },
         })
     }
 
@@ -182,6 +201,7 @@ impl Journal {
     fn write_entry(
         &mut self,
         header: &EntryHeader,
+        tag_field: &[u8],
         body: &[u8],
     ) -> Result<RestorePoint, JournalError> {
         let writer = self.writer.as_mut().expect("checked writable");
@@ -190,13 +210,15 @@ impl Journal {
             .last_mut()
             .expect("an open journal has a segment");
         let offset = seg.len;
+        let body_at = offset + ENTRY_HEADER_LEN as u64;
         let written = writer
             .file
             .write_all_at(&header.encode(), offset)
+            .and_then(|()| writer.file.write_all_at(tag_field, body_at))
             .and_then(|()| {
                 writer
                     .file
-                    .write_all_at(body, offset + ENTRY_HEADER_LEN as u64)
+                    .write_all_at(body, body_at + tag_field.len() as u64)
             })
             .and_then(|()| writer.file.sync_data());
         if let Err(source) = written {

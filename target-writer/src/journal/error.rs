@@ -6,7 +6,7 @@ use std::io;
 use std::path::PathBuf;
 
 use super::TornCause;
-use crate::format::HeaderError;
+use crate::format::{HeaderError, TagFieldError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
@@ -66,6 +66,14 @@ pub enum JournalError {
         id: u64,
         stored: u32,
         computed: u32,
+    },
+    #[error("{}: entry {id} at offset {offset} is tagged, but its tag is bad: {source}", path.display())]
+    TagField {
+        path: PathBuf,
+        offset: u64,
+        id: u64,
+        #[source]
+        source: TagFieldError,
     },
     #[error(
         "{}: entry at offset {offset} is cut short: it needs {needed} bytes, the segment has {available} left",

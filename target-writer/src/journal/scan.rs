@@ -1,5 +1,6 @@
 //! Reading a journal back: lists its segments, verifies every header and
-//! entry in order, rebuilds the restore points, and tells a torn tail from
+//! entry in order, rebuilds the restore points (and reads the tags of tagged
+//! ones), and tells a torn tail from
 //! corruption. It only reads; what to do with a torn tail is the opener's
 //! business.
 //!
@@ -16,15 +17,18 @@
 //!
 //! Anything else that fails, in any segment, is corruption.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use filter::capture::Tag;
+
 use super::files::io_err;
 use super::{JournalError, RestorePoint, TornCause};
 use crate::format::{
-    decode_first_segment, parse_segment_file_name, EntryHeader, SegmentHeader, ENTRY_HEADER_LEN,
-    ENTRY_MAGIC, FIRST_SEGMENT_FILE, SEGMENT_HEADER_LEN,
+    decode_first_segment, decode_tag_field, parse_segment_file_name, EntryHeader, SegmentHeader,
+    ENTRY_HEADER_LEN, ENTRY_MAGIC, FIRST_SEGMENT_FILE, SEGMENT_HEADER_LEN, TAG_FIELD_MAX,
 };
 
 /// Bodies are read in pieces of this size to check their CRC.
@@ -64,6 +68,8 @@ pub(super) struct Scan {
     /// is torn is not among them.
     pub segments: Vec<Segment>,
     pub points: Vec<RestorePoint>,
+    /// The tags of the tagged points, by entry id.
+    pub tags: BTreeMap<u64, Tag>,
     pub torn: Option<Torn>,
 }
 
@@ -81,6 +87,7 @@ pub(super) fn scan(
         next_id: 0,
         last_seq: None,
         points: Vec::new(),
+        tags: BTreeMap::new(),
         buf: Vec::new(),
     };
     let count = files.len();
@@ -122,6 +129,7 @@ pub(super) fn scan(
         identity: scanner.identity,
         segments,
         points: scanner.points,
+        tags: scanner.tags,
         torn,
     })
 }
@@ -220,6 +228,7 @@ struct Scanner {
     next_id: u64,
     last_seq: Option<u64>,
     points: Vec<RestorePoint>,
+    tags: BTreeMap<u64, Tag>,
     buf: Vec<u8>,
 }
 
@@ -355,6 +364,10 @@ impl Scanner {
             }
             return Err(err);
         }
+        if header.tagged {
+            let tag = self.tag(seg, offset, &header)?;
+            self.tags.insert(header.id, tag);
+        }
         self.points
             .push(RestorePoint::new(&header, seg.number, offset));
         self.next_id += 1;
@@ -387,6 +400,31 @@ impl Scanner {
             }
         }
         Ok(())
+    }
+
+    /// The tag at the start of a tagged entry's body, checked against the
+    /// header's tag CRC: a bad one is corruption, never a torn tail (a torn
+    /// final entry fails its body CRC first).
+    fn tag(
+        &self,
+        seg: &SegmentScan,
+        offset: u64,
+        header: &EntryHeader,
+    ) -> Result<Tag, JournalError> {
+        let mut start = vec![0u8; TAG_FIELD_MAX.min(header.body_len as usize)];
+        seg.read_at(
+            &mut start,
+            offset + ENTRY_HEADER_LEN as u64,
+            "read entry tag",
+        )?;
+        decode_tag_field(&start, header.tag_crc)
+            .map(|(tag, _)| tag)
+            .map_err(|source| JournalError::TagField {
+                path: seg.path.clone(),
+                offset,
+                id: header.id,
+                source,
+            })
     }
 
     fn body_crc(&mut self, seg: &SegmentScan, offset: u64, len: u32) -> Result<u32, JournalError> {

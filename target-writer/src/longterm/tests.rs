@@ -44,6 +44,7 @@ fn batch(extents: Vec<(bool, u64, u64, u8)>) -> Batch {
         last_seq: 0,
         ends_on_barrier: false,
         in_sync: false,
+        tag: None,
         extents: kept,
     }
 }

@@ -9,6 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
+use filter::capture::Tag;
 use target_writer::format::segment_file_name;
 use target_writer::{
     BatchMeta, Journal, JournalError, JournalOptions, RecoveryMode, RecoveryReport, RestorePoint,
@@ -37,15 +38,27 @@ pub fn open(dir: &Path, options: JournalOptions) -> (Journal, RecoveryReport) {
 }
 
 /// Batch `n` (from 1) covers seqs `10n ..= 10n + 9`; every third ends on a
-/// barrier.
+/// barrier, and every fifth (from 2) on a tagged one, named by [`tag`].
 pub fn batch(n: u64) -> BatchMeta {
+    let tag = tag(n).map(|name| Tag::new(&name).expect("a valid tag"));
     BatchMeta {
         first_seq: 10 * n,
         last_seq: 10 * n + 9,
         point_time_ns: 1_000_000 * n,
-        ends_on_barrier: n % 3 == 0,
+        ends_on_barrier: n % 3 == 0 || tag.is_some(),
         in_sync: n % 4 == 1,
+        tag,
     }
+}
+
+/// The tag of batch `n`, if it is tagged.
+pub fn tag(n: u64) -> Option<String> {
+    (n % 5 == 2).then(|| format!("point {n} ✓"))
+}
+
+/// Bytes the tag of batch `n` adds to its entry's body (length and tag).
+pub fn tag_field_len(n: u64) -> usize {
+    tag(n).map_or(0, |name| 1 + name.len())
 }
 
 /// The body of batch `n`: a 64-byte "salt" then a "frame", of a length that
@@ -144,6 +157,7 @@ pub fn location(err: &JournalError) -> Option<(&Path, u64)> {
         | EntryId { path, offset, .. }
         | SeqGap { path, offset, .. }
         | TornTail { path, offset, .. }
+        | TagField { path, offset, .. }
         | Changed { path, offset, .. } => Some((path, *offset)),
         SegmentHeader { path, .. }
         | SegmentNumber { path, .. }
