@@ -40,7 +40,16 @@ echo "== a real client writes: patterns, FUA, zeroes, discard, flush"
 qemu-io -f raw "$uri" \
   -c 'write -P 0x5a 0 4M' -c 'write -f -P 0xa5 8M 64k' -c 'write -z 16M 1M' \
   -c 'discard 1M 1M' -c 'flush' | grep -E '^(wrote|discard)'
-sleep 4
+first_done=$(date +%s%N)
+# The target rolls a long-term point every 2 s; wait for one made after
+# these writes, then keep a copy of the disk as it is now.
+for _ in $(seq 300); do
+  "$cdp" points --dir "$work/target" --json 2>/dev/null | python3 -c '
+import json, sys
+points = json.load(sys.stdin)["points"]
+sys.exit(0 if any(p["tier"] != "journal" and p["time_ns"] > int(sys.argv[1]) for p in points) else 1)' "$first_done" && break
+  sleep 0.2
+done
 cp --sparse=always "$work/disk.img" "$work/first.img"
 second_write=$(date +%s%N)
 qemu-io -f raw "$uri" -c 'write -P 0x77 100M 8M' -c 'flush' | grep -E '^wrote'
