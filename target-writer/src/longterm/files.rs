@@ -128,41 +128,37 @@ pub struct Pin {
 }
 
 /// Takes the readers' shared pin on the long-term directory `dir`, waiting
-/// for a removal step in progress to finish. `None` if there is no
-/// long-term directory (nothing to pin).
+/// for a removal step in progress to finish. `None` if there is no pin file
+/// (no target has opened the tier: nothing there to remove). Creates nothing.
 pub fn pin_shared(dir: &Path) -> Result<Option<Pin>, LongTermError> {
-    if !dir.is_dir() {
-        return Ok(None);
-    }
-    let file = open_pin(dir)?;
-    flock(&file, libc::LOCK_SH).map_err(io_err(dir, "pin", 0))?;
+    let path = dir.join(PIN_FILE);
+    let file = match File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(&path, "open pin", 0)(e)),
+    };
+    flock(&file, libc::LOCK_SH).map_err(io_err(&path, "pin", 0))?;
     Ok(Some(Pin { _file: file }))
 }
 
-/// Takes the exclusive pin without waiting; `None` while a reader holds it.
-pub(crate) fn pin_exclusive(dir: &Path) -> Result<Option<Pin>, LongTermError> {
-    let file = open_pin(dir)?;
-    let held = flock(&file, libc::LOCK_EX | libc::LOCK_NB).map_err(io_err(dir, "pin", 0))?;
-    Ok(held.then_some(Pin { _file: file }))
-}
-
-fn open_pin(dir: &Path) -> Result<File, LongTermError> {
+/// Creates the pin file if missing (the writer does, when it opens the tier).
+pub(crate) fn create_pin(dir: &Path) -> Result<(), LongTermError> {
     let path = dir.join(PIN_FILE);
     OpenOptions::new()
-        .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .open(&path)
-        .or_else(|e| {
-            // A read-only user of the directory may not create the pin file.
-            if e.kind() == io::ErrorKind::PermissionDenied {
-                File::open(&path)
-            } else {
-                Err(e)
-            }
-        })
-        .map_err(io_err(&path, "open pin", 0))
+        .map(drop)
+        .map_err(io_err(&path, "create pin", 0))
+}
+
+/// Takes the exclusive pin without waiting; `None` while a reader holds it.
+pub(crate) fn pin_exclusive(dir: &Path) -> Result<Option<Pin>, LongTermError> {
+    let path = dir.join(PIN_FILE);
+    let file = File::open(&path).map_err(io_err(&path, "open pin", 0))?;
+    let held = flock(&file, libc::LOCK_EX | libc::LOCK_NB).map_err(io_err(&path, "pin", 0))?;
+    Ok(held.then_some(Pin { _file: file }))
 }
 
 /// `flock(2)`; `Ok(false)` when a non-blocking lock is held elsewhere.

@@ -25,7 +25,7 @@ use pipeline::key::Key;
 use super::builder::{punch_hole, seal_image, ImageBuilder};
 use super::chain::PointImage;
 use super::error::{io_err, LongTermError};
-use super::files::{pin_exclusive, Dir, Pin};
+use super::files::{create_pin, pin_exclusive, Dir, Pin};
 use super::image::{BlockMap, Layer, BLOCK};
 use crate::format::longterm::{
     base_map_file_name, delta_file_name, parse_image_file_name, BlockState, Catalog, ImageHeader,
@@ -65,6 +65,7 @@ impl LongTermStore {
     ) -> Result<LongTermStore, LongTermError> {
         let dir = Dir::open(&target_dir.join(LONGTERM_DIR))?;
         dir.lock()?;
+        create_pin(&dir.path)?;
         let catalog = match dir.load_catalog()? {
             Some(catalog) => catalog,
             None => Catalog {
