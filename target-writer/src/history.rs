@@ -391,8 +391,10 @@ impl History {
                 }
             });
             let mut done = layer_bytes;
+            let direct = crate::longterm::open_direct(out);
+            let mut buf = crate::longterm::direct_buffer();
             for (body_len, batch) in batches_rx {
-                batch?.apply(out_file).map_err(output(out, "write"))?;
+                crate::longterm::apply_direct(&batch?, out_file, direct.as_ref(), &mut buf, out)?;
                 start_writeback(out_file);
                 done += u64::from(body_len);
                 progress(done.min(total), total);

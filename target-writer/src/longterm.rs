@@ -23,7 +23,7 @@ mod tests;
 
 pub(crate) use builder::ImageBuilder;
 pub use chain::{PointImage, Run};
-pub use copy::copy_layers;
+pub use copy::{apply_direct, copy_layers, direct_buffer, open_direct};
 pub use error::LongTermError;
 pub use files::{load_catalog, pin_shared, Pin};
 pub use image::{BlockMap, Layer};

@@ -1,10 +1,11 @@
-//! Copying the blocks of a point's layers into an image file, fast: one
-//! thread reads runs of blocks (newest layer winning, CRCs checked) into
-//! page-aligned buffers of up to 4 MiB, the calling thread writes them with
-//! O_DIRECT, so reading and writing overlap and the written data is not
-//! copied into the page cache first. Where the file system refuses O_DIRECT
-//! the writes go through the page cache. Blocks no layer holds are skipped:
-//! the image is sparse.
+//! Writing a rebuilt image fast. [`copy_layers`]: one thread reads runs of
+//! blocks (newest layer winning, CRCs checked) into page-aligned buffers of
+//! up to 4 MiB, the calling thread writes them with O_DIRECT, so reading and
+//! writing overlap and the written data is not copied into the page cache
+//! first; blocks no layer holds are skipped (the image is sparse).
+//! [`apply_direct`] applies a journal batch the same way: the whole blocks
+//! of large writes with O_DIRECT, the rest through the page cache. Where the
+//! file system refuses O_DIRECT everything goes through the page cache.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -12,6 +13,8 @@ use std::path::Path;
 use std::sync::mpsc;
 
 use filter::backing::aligned::AlignedBuf;
+use filter::capture::log::zero_range;
+use pipeline::batch::{Batch, Extent};
 
 use super::chain::PointImage;
 use super::error::{io_err, LongTermError};
@@ -29,6 +32,70 @@ struct Filled {
     buf: AlignedBuf,
 }
 
+/// Opens `path` again for O_DIRECT writes, if its file system allows them.
+pub fn open_direct(path: &Path) -> Option<File> {
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .ok()
+}
+
+/// Writes at most this much of a large data extent per O_DIRECT write, and
+/// sends smaller extents through the page cache.
+const DIRECT_MIN: usize = 64 << 10;
+
+/// Applies `batch` to the image `out` (at `path`): as [`Batch::apply`], but
+/// the whole blocks of data extents of 64 KiB or more are copied into an
+/// aligned buffer and written with O_DIRECT (`direct`, from `open_direct`).
+pub fn apply_direct(
+    batch: &Batch,
+    out: &File,
+    direct: Option<&File>,
+    buf: &mut AlignedBuf,
+    path: &Path,
+) -> Result<(), LongTermError> {
+    for extent in &batch.extents {
+        let (offset, data) = match (extent, direct) {
+            (Extent::Data { offset, data }, Some(_)) if data.len() >= DIRECT_MIN => (*offset, data),
+            (Extent::Zero { offset, len }, _) => {
+                zero_range(out, *offset, *len).map_err(io_err(path, "zero", *offset))?;
+                continue;
+            }
+            (Extent::Data { offset, data }, _) => {
+                out.write_all_at(data, *offset)
+                    .map_err(io_err(path, "write image", *offset))?;
+                continue;
+            }
+        };
+        let direct = direct.expect("matched above");
+        let end = offset + data.len() as u64;
+        let (first, last) = (offset.div_ceil(BLOCK) * BLOCK, end / BLOCK * BLOCK);
+        let head = (first - offset) as usize;
+        out.write_all_at(&data[..head], offset)
+            .map_err(io_err(path, "write image", offset))?;
+        let mut at = first;
+        while at < last {
+            let n = (last - at).min(CHUNK) as usize;
+            let from = (at - offset) as usize;
+            buf.as_mut_slice()[..n].copy_from_slice(&data[from..from + n]);
+            direct
+                .write_all_at(&buf.as_slice()[..n], at)
+                .map_err(io_err(path, "write image", at))?;
+            at += n as u64;
+        }
+        let tail = (last.max(first) - offset) as usize;
+        out.write_all_at(&data[tail..], offset + tail as u64)
+            .map_err(io_err(path, "write image", offset + tail as u64))?;
+    }
+    Ok(())
+}
+
+/// An aligned buffer for [`apply_direct`].
+pub fn direct_buffer() -> AlignedBuf {
+    AlignedBuf::zeroed(CHUNK as usize)
+}
+
 /// Writes every data block of `image` into `out` (at `path`, already
 /// sized to the disk), calling `progress(bytes_written)` after each write.
 pub fn copy_layers(
@@ -37,11 +104,7 @@ pub fn copy_layers(
     path: &Path,
     mut progress: impl FnMut(u64),
 ) -> Result<(), LongTermError> {
-    let direct = OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .ok();
+    let direct = open_direct(path);
     let (filled_tx, filled_rx) = mpsc::sync_channel::<Filled>(BUFFERS);
     let (empty_tx, empty_rx) = mpsc::channel::<AlignedBuf>();
     for _ in 0..BUFFERS {
