@@ -3,13 +3,15 @@
 //! to the [`journal`] (segment layout in [`format`](mod@format)), which
 //! recovers after a crash; [`restore`] rebuilds the disk at any restore
 //! point. Delta images (long-term points under retention) come later; see
-//! `docs/ARCHITECTURE.md` and `docs/REPLICATION.md`.
+//! `docs/ARCHITECTURE.md` and `docs/REPLICATION.md`. [`served`] exports a
+//! point over NBD in place, without rebuilding it (`cdp serve-point`).
 pub mod format;
 pub mod history;
 pub mod journal;
 pub mod longterm;
 pub mod restore;
 pub mod roller;
+pub mod served;
 pub mod server;
 
 pub use journal::{
