@@ -41,6 +41,8 @@ enum Command {
     Points(commands::points::PointsArgs),
     /// Rebuild the disk image at a restore point.
     Restore(commands::points::RestoreArgs),
+    /// Serve a restore point over NBD at once, without rebuilding it.
+    ServePoint(commands::serve_point::ServePointArgs),
 }
 
 fn main() -> Result<()> {
@@ -59,5 +61,6 @@ fn main() -> Result<()> {
         Command::Protect(args) => commands::replication::protect(args),
         Command::Points(args) => commands::points::points(args),
         Command::Restore(args) => commands::points::restore(args),
+        Command::ServePoint(args) => commands::serve_point::serve_point(args),
     }
 }

@@ -3,6 +3,7 @@
 pub mod filter;
 pub mod points;
 pub mod replication;
+pub mod serve_point;
 
 use std::future::Future;
 use std::io::Write;
