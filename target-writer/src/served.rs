@@ -7,9 +7,11 @@
 //! overlay that is thrown away on exit (`overlay.rs`), so the target's
 //! directory is never written either way.
 //!
-//! Inside: `plan` says where each block of a request comes from, `overlay`
-//! is the writable scratch overlay, `read` reads the planned runs.
+//! Inside: `plan` says where each block of a request comes from (through
+//! `index`, a directory over each layer's map), `overlay` is the writable
+//! scratch overlay, `read` reads the planned runs.
 
+mod index;
 mod overlay;
 mod plan;
 mod read;
@@ -30,6 +32,7 @@ use pipeline::key::Key;
 use crate::history::{History, Point};
 use crate::longterm::PointImage;
 use crate::restore::{read_batch, RestoreError};
+use index::MapIndex;
 use overlay::Overlay;
 use plan::{plan, Source, BLOCK};
 
@@ -71,7 +74,25 @@ const MAX_EXTENTS: usize = 1024;
 #[derive(Debug)]
 struct Stack {
     image: PointImage,
+    /// One per layer of `image`.
+    indexes: Vec<MapIndex>,
     overlay: Option<Overlay>,
+}
+
+impl Stack {
+    fn new(image: PointImage, overlay: Option<Overlay>) -> Stack {
+        let blocks = image.disk_size().div_ceil(BLOCK);
+        let indexes = image
+            .layers()
+            .iter()
+            .map(|layer| MapIndex::new(layer.map().entries(), blocks))
+            .collect();
+        Stack {
+            image,
+            indexes,
+            overlay,
+        }
+    }
 }
 
 /// A restore point as a block device.
@@ -131,7 +152,7 @@ impl ServedPoint {
             None
         };
         Ok(ServedPoint {
-            stack: Arc::new(Stack { image, overlay }),
+            stack: Arc::new(Stack::new(image, overlay)),
             changes: RangeLock::default(),
             nowait: Arc::new(AtomicBool::new(true)),
         })
@@ -149,7 +170,14 @@ impl ServedPoint {
     /// The runs covering blocks `first..first + count`.
     fn plan(&self, first: u64, count: u64) -> Vec<plan::Run> {
         let overlay = self.stack.overlay.as_ref().map(|o| o.kept());
-        plan(&self.stack.image, overlay.as_deref(), first, count)
+        let stack = &self.stack;
+        plan(
+            &stack.image,
+            &stack.indexes,
+            overlay.as_deref(),
+            first,
+            count,
+        )
     }
 
     /// Runs a change to `offset..offset + len` on the blocking pool, holding

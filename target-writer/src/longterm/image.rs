@@ -145,7 +145,8 @@ impl Layer {
         self.file
             .read_exact_at(buf, offset)
             .map_err(io_err(&self.path, "read block", offset))?;
-        self.check_blocks(block, buf)
+        let entry = self.map.entries.partition_point(|e| e.block < block);
+        self.check_blocks(entry, block, buf)
     }
 
     /// The file holding the block data and where block 0 lies in it, for a
@@ -156,14 +157,19 @@ impl Layer {
     }
 
     /// Checks `count` consecutive data blocks read from `block` on (`buf`
-    /// is `count * BLOCK` bytes) against their CRCs in the map.
-    pub(crate) fn check_blocks(&self, block: u64, buf: &[u8]) -> Result<(), LongTermError> {
-        // The blocks are consecutive, and so are their entries in the map.
+    /// is `count * BLOCK` bytes) against their CRCs in the map, where
+    /// `entry` is the index of `block`'s entry (the blocks are consecutive,
+    /// and so are their entries).
+    pub(crate) fn check_blocks(
+        &self,
+        entry: usize,
+        block: u64,
+        buf: &[u8],
+    ) -> Result<(), LongTermError> {
         let entries = self.map.entries();
-        let first = entries.partition_point(|e| e.block < block);
         for (i, data) in buf.chunks_exact(BLOCK as usize).enumerate() {
             let block = block + i as u64;
-            let stored = match entries.get(first + i) {
+            let stored = match entries.get(entry + i) {
                 Some(MapEntry {
                     block: b,
                     state: BlockState::Data { crc },

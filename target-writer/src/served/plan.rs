@@ -2,11 +2,13 @@
 //! writable) and the point's layers that holds it, or zeros. A request is
 //! planned as runs of consecutive blocks from one source, so a run of blocks
 //! one layer holds is read with one `pread`, and block status reports the
-//! runs as data or holes. Planning costs one binary search per layer plus
-//! the map entries inside the request, never a walk of the whole history.
+//! runs as data or holes. Planning costs one look into each layer's
+//! directory (`index.rs`) plus the map entries inside the request, never a
+//! walk of the whole history.
 
 use std::collections::BTreeMap;
 
+use super::index::MapIndex;
 use crate::format::longterm::{BlockState, BLOCK_SIZE};
 use crate::longterm::PointImage;
 
@@ -26,8 +28,9 @@ pub(crate) enum Source {
     /// Zeros: no layer holds the blocks, or the newest one that does holds
     /// them as zero blocks.
     Zero,
-    /// Data blocks of the point's layer with this index (base first).
-    Layer(usize),
+    /// Data blocks of the point's layer `layer` (base first), the first of
+    /// them at index `entry` of its map.
+    Layer { layer: usize, entry: usize },
     /// Data in the writable overlay.
     Overlay,
 }
@@ -40,22 +43,28 @@ pub(crate) struct Run {
     pub source: Source,
 }
 
-/// The runs covering blocks `first..first + count`, in order; `overlay`
-/// (the blocks a writable serve owns) wins over every layer.
+/// The runs covering blocks `first..first + count`, in order; `indexes`
+/// are the directories over the layers' maps; `overlay` (the blocks a
+/// writable serve owns) wins over every layer.
 pub(crate) fn plan(
     image: &PointImage,
+    indexes: &[MapIndex],
     overlay: Option<&BTreeMap<u64, Kept>>,
     first: u64,
     count: u64,
 ) -> Vec<Run> {
     let end = first + count;
     let mut sources = vec![Source::Zero; count as usize];
-    for (index, layer) in image.layers().iter().enumerate() {
-        let entries = layer.map().entries();
-        let start = entries.partition_point(|e| e.block < first);
-        for entry in entries[start..].iter().take_while(|e| e.block < end) {
-            sources[(entry.block - first) as usize] = match entry.state {
-                BlockState::Data { .. } => Source::Layer(index),
+    for (layer, (l, index)) in image.layers().iter().zip(indexes).enumerate() {
+        let entries = l.map().entries();
+        let range = index.range(entries, first, end);
+        let start = range.start;
+        for (i, e) in entries[range].iter().enumerate() {
+            sources[(e.block - first) as usize] = match e.state {
+                BlockState::Data { .. } => Source::Layer {
+                    layer,
+                    entry: start + i,
+                },
                 BlockState::Zero => Source::Zero,
             };
         }
@@ -71,11 +80,22 @@ pub(crate) fn plan(
     coalesce(first, &sources)
 }
 
+/// Whether a block from `next` continues `run`: the same source, and for a
+/// layer, the next entry of its map.
+fn continues(run: &Run, next: Source) -> bool {
+    match (run.source, next) {
+        (Source::Layer { layer, entry }, Source::Layer { layer: l, entry: e }) => {
+            layer == l && entry + run.blocks as usize == e
+        }
+        (source, next) => source == next,
+    }
+}
+
 fn coalesce(first: u64, sources: &[Source]) -> Vec<Run> {
     let mut runs: Vec<Run> = Vec::new();
     for (i, &source) in sources.iter().enumerate() {
         match runs.last_mut() {
-            Some(run) if run.source == source => run.blocks += 1,
+            Some(run) if continues(run, source) => run.blocks += 1,
             _ => runs.push(Run {
                 first_block: first + i as u64,
                 blocks: 1,
@@ -91,12 +111,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn runs_merge_equal_neighbours_only() {
+    fn runs_merge_neighbours_from_the_same_source_only() {
         use Source::*;
-        let runs = coalesce(
-            10,
-            &[Zero, Zero, Layer(0), Layer(0), Layer(1), Overlay, Zero],
-        );
+        let layer = |layer, entry| Layer { layer, entry };
+        let sources = [
+            Zero,
+            Zero,
+            layer(0, 5),
+            layer(0, 6),
+            layer(0, 8),
+            layer(1, 9),
+            Overlay,
+            Zero,
+        ];
+        let runs = coalesce(10, &sources);
         let got: Vec<(u64, u64, Source)> = runs
             .iter()
             .map(|r| (r.first_block, r.blocks, r.source))
@@ -105,10 +133,11 @@ mod tests {
             got,
             [
                 (10, 2, Zero),
-                (12, 2, Layer(0)),
-                (14, 1, Layer(1)),
-                (15, 1, Overlay),
-                (16, 1, Zero)
+                (12, 2, layer(0, 5)),
+                (14, 1, layer(0, 8)),
+                (15, 1, layer(1, 9)),
+                (16, 1, Overlay),
+                (17, 1, Zero)
             ]
         );
     }

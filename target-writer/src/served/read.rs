@@ -64,8 +64,8 @@ fn span(run: &Run, first: u64) -> Range<usize> {
 /// The file holding `run` and the run's offset in it.
 fn location<'a>(stack: &'a Stack, run: &Run) -> (&'a File, u64) {
     match run.source {
-        Source::Layer(i) => {
-            let (file, data_offset) = stack.image.layers()[i].data_file();
+        Source::Layer { layer, .. } => {
+            let (file, data_offset) = stack.image.layers()[layer].data_file();
             (file, data_offset + run.first_block * BLOCK)
         }
         Source::Overlay => {
@@ -82,8 +82,8 @@ fn location<'a>(stack: &'a Stack, run: &Run) -> (&'a File, u64) {
 /// Checks the blocks of a layer run against their CRCs.
 fn check(stack: &Stack, run: &Run, data: &[u8]) -> io::Result<()> {
     match run.source {
-        Source::Layer(i) => stack.image.layers()[i]
-            .check_blocks(run.first_block, data)
+        Source::Layer { layer, entry } => stack.image.layers()[layer]
+            .check_blocks(entry, run.first_block, data)
             .map_err(io::Error::other),
         _ => Ok(()),
     }
@@ -122,7 +122,7 @@ fn try_cached(stack: &Stack, nowait: &AtomicBool, run: &Run, buf: &mut [u8]) -> 
 
 fn read_blocking(stack: &Stack, run: &Run, buf: &mut [u8]) -> io::Result<()> {
     match run.source {
-        Source::Layer(i) => stack.image.layers()[i]
+        Source::Layer { layer, .. } => stack.image.layers()[layer]
             .read_blocks(run.first_block, buf)
             .map_err(io::Error::other),
         _ => {

@@ -106,7 +106,7 @@ fn three_layers(dir: &Path, seed: u64) -> (PointImage, Vec<u8>) {
 fn served(image: PointImage, overlay: Option<&Path>) -> ServedPoint {
     let overlay = overlay.map(|dir| Overlay::create(dir, SIZE).expect("create the overlay"));
     ServedPoint {
-        stack: Arc::new(Stack { image, overlay }),
+        stack: Arc::new(Stack::new(image, overlay)),
         changes: RangeLock::default(),
         nowait: Arc::new(AtomicBool::new(true)),
     }
