@@ -8,8 +8,8 @@
 //! directory is never written either way.
 //!
 //! Inside: `plan` says where each block of a request comes from (through
-//! `index`, a directory over each layer's map), `overlay` is the writable
-//! scratch overlay, `read` reads the planned runs.
+//! `index`, which layers hold anything in which chunk of the disk),
+//! `overlay` is the writable scratch overlay, `read` reads the planned runs.
 
 mod index;
 mod overlay;
@@ -32,7 +32,7 @@ use pipeline::key::Key;
 use crate::history::{History, Point};
 use crate::longterm::PointImage;
 use crate::restore::{read_batch, RestoreError};
-use index::MapIndex;
+use index::ChunkTable;
 use overlay::Overlay;
 use plan::{plan, Source, BLOCK};
 
@@ -74,22 +74,15 @@ const MAX_EXTENTS: usize = 1024;
 #[derive(Debug)]
 struct Stack {
     image: PointImage,
-    /// One per layer of `image`.
-    indexes: Vec<MapIndex>,
+    table: ChunkTable,
     overlay: Option<Overlay>,
 }
 
 impl Stack {
     fn new(image: PointImage, overlay: Option<Overlay>) -> Stack {
-        let blocks = image.disk_size().div_ceil(BLOCK);
-        let indexes = image
-            .layers()
-            .iter()
-            .map(|layer| MapIndex::new(layer.map().entries(), blocks))
-            .collect();
         Stack {
+            table: ChunkTable::new(&image),
             image,
-            indexes,
             overlay,
         }
     }
@@ -171,13 +164,7 @@ impl ServedPoint {
     fn plan(&self, first: u64, count: u64) -> Vec<plan::Run> {
         let overlay = self.stack.overlay.as_ref().map(|o| o.kept());
         let stack = &self.stack;
-        plan(
-            &stack.image,
-            &stack.indexes,
-            overlay.as_deref(),
-            first,
-            count,
-        )
+        plan(&stack.image, &stack.table, overlay.as_deref(), first, count)
     }
 
     /// Runs a change to `offset..offset + len` on the blocking pool, holding

@@ -1,139 +1,112 @@
-//! A directory over one layer's block map, so that finding a block's entry
-//! does not cost a binary search over the whole map (a dozen or more cache
-//! misses over the megabytes of a full base map, for every layer, for every
-//! request). The disk is cut into at most 65536 chunks of 2^shift blocks;
-//! the directory holds the index of each chunk's first entry. A chunk whose
-//! every block has an entry (most of a base) is indexed directly; in any
-//! other, the search covers that chunk's entries only; a request whose
-//! chunks have no entries (most requests, for most deltas) costs two looks
-//! at the directory and none at the map. Small maps are searched as they
-//! are. Built once when a point is opened, in one pass over each map.
+//! Which layers hold anything where: the disk is cut into at most 65536
+//! chunks of 2^shift blocks (at least 64 KiB), and for each chunk the table
+//! lists, oldest layer first, the layers whose maps have entries in it and
+//! where those entries lie in each map. A request then looks only at the
+//! layers that hold something in its chunks — the base and, for a random
+//! read, a delta or two — however many layers the point has; within a chunk
+//! every block of which has an entry (most of a base) the entry is found
+//! directly, in any other by a search over that chunk's entries alone.
+//!
+//! Built once when a point is opened, in two passes over the layers' maps
+//! (which opening the layers has just read and decoded anyway).
 
 use std::ops::Range;
 
-use crate::format::longterm::MapEntry;
+use crate::longterm::PointImage;
 
-/// Maps with at most this many entries are searched directly.
-const SMALL: usize = 256;
-/// The fewest blocks in a chunk (1 MiB).
-const MIN_SHIFT: u32 = 8;
-/// The most chunks a directory has (256 KiB of directory per layer).
+/// The fewest blocks in a chunk (64 KiB).
+const MIN_SHIFT: u32 = 4;
+/// The most chunks a table has.
 const MAX_CHUNKS: u64 = 1 << 16;
 
-#[derive(Debug)]
-pub(crate) struct MapIndex {
-    shift: u32,
-    /// `starts[c]`: the index of the first entry at or after block `c << shift`.
-    starts: Vec<u32>,
+/// The entries of one layer's map that fall in one chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Piece {
+    pub layer: usize,
+    pub entries: (usize, usize),
 }
 
-impl MapIndex {
-    /// The directory over `entries` (sorted by block) of a disk of
-    /// `disk_blocks` blocks.
-    pub(crate) fn new(entries: &[MapEntry], disk_blocks: u64) -> MapIndex {
-        if entries.len() <= SMALL || u32::try_from(entries.len()).is_err() {
-            return MapIndex {
-                shift: 0,
-                starts: Vec::new(),
-            };
-        }
+#[derive(Debug)]
+pub(crate) struct ChunkTable {
+    shift: u32,
+    /// The pieces of chunk `c` are `pieces[offsets[c]..offsets[c + 1]]`.
+    offsets: Vec<usize>,
+    pieces: Vec<Piece>,
+}
+
+impl ChunkTable {
+    pub(crate) fn new(image: &PointImage) -> ChunkTable {
+        let blocks = image.disk_size().div_ceil(super::plan::BLOCK);
         let mut shift = MIN_SHIFT;
-        while disk_blocks >> shift >= MAX_CHUNKS {
+        while blocks >> shift >= MAX_CHUNKS {
             shift += 1;
         }
-        let chunks = (disk_blocks >> shift) + 1;
-        let mut starts = Vec::with_capacity(chunks as usize + 1);
-        let mut i = 0;
-        for chunk in 0..=chunks {
-            let start = chunk << shift;
-            while i < entries.len() && entries[i].block < start {
-                i += 1;
-            }
-            starts.push(i as u32);
+        let chunks = ((blocks >> shift) + 1) as usize;
+        let mut counts = vec![0usize; chunks + 1];
+        for_each_piece(image, shift, |chunk, _| counts[chunk] += 1);
+        let mut offsets = Vec::with_capacity(chunks + 1);
+        let mut total = 0;
+        for count in &counts {
+            offsets.push(total);
+            total += count;
         }
-        MapIndex { shift, starts }
-    }
-
-    /// The indexes of the entries of `entries` (the map this directory was
-    /// built over) for blocks `first..end`. When the chunks holding those
-    /// blocks have no entries, the map itself is not touched.
-    pub(crate) fn range(&self, entries: &[MapEntry], first: u64, end: u64) -> Range<usize> {
-        if !self.starts.is_empty() {
-            let start = |chunk: u64| {
-                usize::try_from(chunk)
-                    .ok()
-                    .and_then(|c| self.starts.get(c))
-                    .map_or(entries.len(), |&i| i as usize)
-            };
-            let (lo, hi) = (
-                start(first >> self.shift),
-                start(((end - 1) >> self.shift) + 1),
-            );
-            if lo == hi {
-                return lo..lo;
-            }
-        }
-        self.seek(entries, first)..self.seek(entries, end)
-    }
-
-    /// The index of the first entry of `entries` (the map this directory
-    /// was built over) at or after `block`.
-    fn seek(&self, entries: &[MapEntry], block: u64) -> usize {
-        if self.starts.is_empty() {
-            return entries.partition_point(|e| e.block < block);
-        }
-        let chunk = (block >> self.shift) as usize;
-        let Some(&lo) = self.starts.get(chunk) else {
-            return entries.len();
+        let empty = Piece {
+            layer: 0,
+            entries: (0, 0),
         };
-        let lo = lo as usize;
-        let hi = self
-            .starts
-            .get(chunk + 1)
-            .map_or(entries.len(), |&hi| hi as usize);
-        let within = block - ((chunk as u64) << self.shift);
-        if hi - lo == 1 << self.shift {
-            // Every block of the chunk has an entry, in order.
-            return lo + within as usize;
+        let mut pieces = vec![empty; total];
+        let mut next = offsets.clone();
+        for_each_piece(image, shift, |chunk, piece| {
+            pieces[next[chunk]] = piece;
+            next[chunk] += 1;
+        });
+        ChunkTable {
+            shift,
+            offsets,
+            pieces,
         }
-        lo + entries[lo..hi].partition_point(|e| e.block < block)
+    }
+
+    /// Blocks per chunk, as a shift.
+    pub(crate) fn shift(&self) -> u32 {
+        self.shift
+    }
+
+    /// The chunks holding blocks `first..end`.
+    pub(crate) fn chunks(&self, first: u64, end: u64) -> Range<u64> {
+        first >> self.shift..((end - 1) >> self.shift) + 1
+    }
+
+    /// The pieces of `chunk`, oldest layer first.
+    pub(crate) fn pieces(&self, chunk: u64) -> &[Piece] {
+        let at = |c: u64| {
+            usize::try_from(c)
+                .ok()
+                .and_then(|c| self.offsets.get(c))
+                .copied()
+        };
+        match (at(chunk), at(chunk + 1)) {
+            (Some(lo), Some(hi)) => &self.pieces[lo..hi],
+            _ => &[],
+        }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::format::longterm::BlockState;
-
-    #[test]
-    fn seek_and_range_agree_with_a_binary_search() {
-        let disk_blocks = 100_000;
-        // Dense runs, sparse stretches, and empty chunks.
-        let blocks: Vec<u64> = (0..disk_blocks)
-            .filter(|b| (b / 256) % 3 == 0 || (b % 7 == 0 && b / 256 % 3 == 1))
-            .collect();
-        let entries: Vec<MapEntry> = blocks
-            .iter()
-            .map(|&block| MapEntry {
-                block,
-                state: BlockState::Zero,
-            })
-            .collect();
-        let index = MapIndex::new(&entries, disk_blocks);
-        assert!(!index.starts.is_empty());
-        let seek = |block| entries.partition_point(|e| e.block < block);
-        for block in (0..disk_blocks + 300).step_by(3) {
-            assert_eq!(index.seek(&entries, block), seek(block), "block {block}");
-            for len in [1, 2, 255, 256, 257, 1000] {
-                let got = index.range(&entries, block, block + len);
-                let want = seek(block)..seek(block + len);
-                // An empty range may start anywhere.
-                if want.is_empty() {
-                    assert!(got.is_empty(), "blocks {block}+{len}: {got:?}");
-                } else {
-                    assert_eq!(got, want, "blocks {block}+{len}");
-                }
-            }
+/// Calls `f(chunk, piece)` for every run of a layer's entries within one
+/// chunk, layer by layer from the oldest.
+fn for_each_piece(image: &PointImage, shift: u32, mut f: impl FnMut(usize, Piece)) {
+    for (layer, l) in image.layers().iter().enumerate() {
+        let entries = l.map().entries();
+        let mut lo = 0;
+        while lo < entries.len() {
+            let chunk = entries[lo].block >> shift;
+            let hi = lo + entries[lo..].partition_point(|e| e.block >> shift == chunk);
+            let piece = Piece {
+                layer,
+                entries: (lo, hi),
+            };
+            f(chunk as usize, piece);
+            lo = hi;
         }
     }
 }

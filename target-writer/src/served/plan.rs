@@ -2,13 +2,12 @@
 //! writable) and the point's layers that holds it, or zeros. A request is
 //! planned as runs of consecutive blocks from one source, so a run of blocks
 //! one layer holds is read with one `pread`, and block status reports the
-//! runs as data or holes. Planning costs one look into each layer's
-//! directory (`index.rs`) plus the map entries inside the request, never a
-//! walk of the whole history.
+//! runs as data or holes. Planning looks only at the layers that hold
+//! something in the request's chunks (`index.rs`), however long the history.
 
 use std::collections::BTreeMap;
 
-use super::index::MapIndex;
+use super::index::ChunkTable;
 use crate::format::longterm::{BlockState, BLOCK_SIZE};
 use crate::longterm::PointImage;
 
@@ -43,30 +42,41 @@ pub(crate) struct Run {
     pub source: Source,
 }
 
-/// The runs covering blocks `first..first + count`, in order; `indexes`
-/// are the directories over the layers' maps; `overlay` (the blocks a
+/// The runs covering blocks `first..first + count`, in order; `table` says
+/// which layers hold anything in which chunk; `overlay` (the blocks a
 /// writable serve owns) wins over every layer.
 pub(crate) fn plan(
     image: &PointImage,
-    indexes: &[MapIndex],
+    table: &ChunkTable,
     overlay: Option<&BTreeMap<u64, Kept>>,
     first: u64,
     count: u64,
 ) -> Vec<Run> {
     let end = first + count;
     let mut sources = vec![Source::Zero; count as usize];
-    for (layer, (l, index)) in image.layers().iter().zip(indexes).enumerate() {
-        let entries = l.map().entries();
-        let range = index.range(entries, first, end);
-        let start = range.start;
-        for (i, e) in entries[range].iter().enumerate() {
-            sources[(e.block - first) as usize] = match e.state {
-                BlockState::Data { .. } => Source::Layer {
-                    layer,
-                    entry: start + i,
-                },
-                BlockState::Zero => Source::Zero,
+    let chunk_blocks = 1u64 << table.shift();
+    for chunk in table.chunks(first, end) {
+        let start = chunk << table.shift();
+        let (from, to) = (first.max(start), end.min(start + chunk_blocks));
+        for piece in table.pieces(chunk) {
+            let (lo, hi) = piece.entries;
+            let entries = &image.layers()[piece.layer].map().entries()[lo..hi];
+            let (a, b) = if (hi - lo) as u64 == chunk_blocks {
+                // Every block of the chunk has an entry, in order.
+                ((from - start) as usize, (to - start) as usize)
+            } else {
+                let at = |block: u64| entries.partition_point(|e| e.block < block);
+                (at(from), at(to))
             };
+            for (i, e) in entries[a..b].iter().enumerate() {
+                sources[(e.block - first) as usize] = match e.state {
+                    BlockState::Data { .. } => Source::Layer {
+                        layer: piece.layer,
+                        entry: lo + a + i,
+                    },
+                    BlockState::Zero => Source::Zero,
+                };
+            }
         }
     }
     if let Some(overlay) = overlay {

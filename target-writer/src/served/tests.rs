@@ -12,8 +12,9 @@ use super::*;
 use crate::format::longterm::{ImageHeader, ImageKind, PointStamp};
 use crate::longterm::{ImageBuilder, Layer};
 
-/// Not a whole number of blocks, so the last block is partial.
-const SIZE: u64 = (1 << 20) + 1000;
+/// 65 chunks of the layers' table, the last one partial, and the last block
+/// partial too.
+const SIZE: u64 = (4 << 20) + 1000;
 
 /// xorshift, so failures reproduce.
 struct Rng(u64);
@@ -40,7 +41,7 @@ fn random_batch(rng: &mut Rng, model: &mut [u8]) -> Batch {
     let mut extents: Vec<Extent> = Vec::new();
     let mut at = rng.below(20_000);
     while at < SIZE - 1 {
-        let len = (1 + rng.below(40_000)).min(SIZE - at);
+        let len = (1 + rng.below(150_000)).min(SIZE - at);
         let range = at as usize..(at + len) as usize;
         if rng.below(3) == 0 {
             model[range].fill(0);
@@ -53,7 +54,7 @@ fn random_batch(rng: &mut Rng, model: &mut [u8]) -> Batch {
                 data: Bytes::from(data),
             });
         }
-        at += len + rng.below(60_000);
+        at += len + rng.below(100_000);
     }
     Batch {
         first_seq: 0,
@@ -84,7 +85,9 @@ fn header() -> ImageHeader {
     }
 }
 
-/// Three layers of random batches over an empty disk, and the model.
+/// Three layers of random batches over an empty disk, and the model. Long
+/// extents fill whole chunks (found directly), short ones and gaps leave
+/// others sparse (searched).
 fn three_layers(dir: &Path, seed: u64) -> (PointImage, Vec<u8>) {
     let mut rng = Rng(seed);
     let mut model = vec![0u8; SIZE as usize];
