@@ -217,7 +217,7 @@ impl BlockDevice for ServedPoint {
         let first = offset / BLOCK;
         let count = (offset + u64::from(len)).div_ceil(BLOCK) - first;
         let runs = self.plan(first, count);
-        let buf = read::read_runs(&self.stack, &self.nowait, runs, first, count)
+        let buf = read::read_runs(&self.stack, &self.nowait, runs, count)
             .await
             .map_err(|source| DeviceError::Io {
                 op: "read",

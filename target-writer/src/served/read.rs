@@ -1,15 +1,16 @@
-//! Reading the planned runs of one request into a block-aligned buffer: one
-//! `pread` per run (a run of blocks one layer holds is contiguous in its
-//! file), each layer block checked against its CRC. Runs are first tried
-//! with `preadv2(RWF_NOWAIT)` on the calling worker, which never blocks and
-//! succeeds only when the page cache holds the bytes; the rest go to tokio's
-//! blocking pool, so an async worker never waits on a disk.
+//! Reading the planned runs of one request, in order, into a block-aligned
+//! buffer: zeros for a zero run, one `pread` for any other (a run of blocks
+//! one layer holds is contiguous in its file) straight into the buffer's
+//! unused capacity, so no byte is written twice; each layer block is then
+//! checked against its CRC. Runs are first read with
+//! `preadv2(RWF_NOWAIT)` on the calling worker, which never blocks and
+//! succeeds only when the page cache holds the bytes; from the first run it
+//! cannot read that way, the rest of the request goes to tokio's blocking
+//! pool, so an async worker never waits on a disk.
 
 use std::fs::File;
 use std::io;
-use std::ops::Range;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -20,34 +21,32 @@ use super::Stack;
 /// larger ones (copies and CRCs of megabytes) go to the blocking pool.
 const INLINE_BLOCKS: u64 = 64;
 
-/// Reads blocks `first..first + count` as `runs` plans them; zero runs are
-/// left as zeros.
+/// Reads the `count` blocks `runs` plan (in order, covering them all).
 pub(super) async fn read_runs(
     stack: &Arc<Stack>,
     nowait: &Arc<AtomicBool>,
     runs: Vec<Run>,
-    first: u64,
     count: u64,
 ) -> io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; (count * BLOCK) as usize];
+    let mut buf = Vec::with_capacity((count * BLOCK) as usize);
+    let mut done = 0;
     // Relaxed: the flag only ever goes from true to false, and a stale
     // `true` costs one refused attempt.
-    let inline = count <= INLINE_BLOCKS && nowait.load(Ordering::Relaxed);
-    let mut pending = Vec::new();
-    for run in runs.into_iter().filter(|r| r.source != Source::Zero) {
-        let part = &mut buf[span(&run, first)];
-        if inline && try_cached(stack, nowait, &run, part)? {
-            continue;
+    if count <= INLINE_BLOCKS && nowait.load(Ordering::Relaxed) {
+        for run in &runs {
+            if !append(stack, run, &mut buf, Some(nowait))? {
+                break;
+            }
+            done += 1;
         }
-        pending.push(run);
     }
-    if pending.is_empty() {
+    if done == runs.len() {
         return Ok(buf);
     }
     let stack = stack.clone();
     tokio::task::spawn_blocking(move || {
-        for run in &pending {
-            read_blocking(&stack, run, &mut buf[span(run, first)])?;
+        for run in &runs[done..] {
+            append(&stack, run, &mut buf, None)?;
         }
         Ok(buf)
     })
@@ -55,15 +54,21 @@ pub(super) async fn read_runs(
     .map_err(io::Error::other)?
 }
 
-/// Where `run` lies in a buffer starting at block `first`.
-fn span(run: &Run, first: u64) -> Range<usize> {
-    let start = ((run.first_block - first) * BLOCK) as usize;
-    start..start + (run.blocks * BLOCK) as usize
-}
-
-/// The file holding `run` and the run's offset in it.
-fn location<'a>(stack: &'a Stack, run: &Run) -> (&'a File, u64) {
-    match run.source {
+/// Appends `run`'s bytes to `buf`. With `nowait`, only from the page cache:
+/// returns false (leaving `buf` as it was) if it holds less than the run.
+fn append(
+    stack: &Stack,
+    run: &Run,
+    buf: &mut Vec<u8>,
+    nowait: Option<&AtomicBool>,
+) -> io::Result<bool> {
+    let len = (run.blocks * BLOCK) as usize;
+    let at = buf.len();
+    let (file, offset) = match run.source {
+        Source::Zero => {
+            buf.resize(at + len, 0);
+            return Ok(true);
+        }
         Source::Layer { layer, .. } => {
             let (file, data_offset) = stack.image.layers()[layer].data_file();
             (file, data_offset + run.first_block * BLOCK)
@@ -75,59 +80,85 @@ fn location<'a>(stack: &'a Stack, run: &Run) -> (&'a File, u64) {
                 .expect("overlay runs need an overlay");
             (overlay.file(), run.first_block * BLOCK)
         }
-        Source::Zero => unreachable!("zero runs are not read"),
-    }
-}
-
-/// Checks the blocks of a layer run against their CRCs.
-fn check(stack: &Stack, run: &Run, data: &[u8]) -> io::Result<()> {
-    match run.source {
-        Source::Layer { layer, entry } => stack.image.layers()[layer]
-            .check_blocks(entry, run.first_block, data)
-            .map_err(io::Error::other),
-        _ => Ok(()),
-    }
-}
-
-/// Fills `buf` with `run` if the page cache holds all of it; whether it did.
-fn try_cached(stack: &Stack, nowait: &AtomicBool, run: &Run, buf: &mut [u8]) -> io::Result<bool> {
-    let (file, offset) = location(stack, run);
-    let iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
     };
-    // SAFETY: the iovec points at `buf`, which is valid for writes of its
-    // length and borrowed mutably for this synchronous call; `file` is open.
+    buf.reserve(len);
+    let mut filled = 0;
+    while filled < len {
+        let n = pread(file, buf, filled, len - filled, offset, nowait.is_some());
+        match n {
+            Ok(0) => {
+                let short = format!("{} bytes short", len - filled);
+                let e = io::Error::new(io::ErrorKind::UnexpectedEof, short);
+                return Err(with_path(stack, run, offset, e));
+            }
+            Ok(n) => filled += n,
+            Err(e) if nowait.is_some() => {
+                if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                    nowait.expect("checked").store(false, Ordering::Relaxed);
+                }
+                return Ok(false);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(with_path(stack, run, offset, e)),
+        }
+        if nowait.is_some() && filled < len {
+            return Ok(false);
+        }
+    }
+    // SAFETY: `pread` wrote all `len` bytes after `at` (within the capacity
+    // reserved above), so they are initialised.
+    unsafe { buf.set_len(at + len) };
+    if let Source::Layer { layer, entry } = run.source {
+        let check = stack.image.layers()[layer].check_blocks(entry, run.first_block, &buf[at..]);
+        if let Err(e) = check {
+            buf.truncate(at);
+            return Err(io::Error::other(e));
+        }
+    }
+    Ok(true)
+}
+
+/// Reads up to `len` bytes of `file` at `offset + filled` into `buf`'s
+/// unused capacity, `filled` bytes past its end; with `nowait`, only what
+/// the page cache holds.
+fn pread(
+    file: &File,
+    buf: &mut Vec<u8>,
+    filled: usize,
+    len: usize,
+    offset: u64,
+    nowait: bool,
+) -> io::Result<usize> {
+    let spare = &mut buf.spare_capacity_mut()[filled..filled + len];
+    let iov = libc::iovec {
+        iov_base: spare.as_mut_ptr().cast(),
+        iov_len: spare.len(),
+    };
+    let flags = if nowait { libc::RWF_NOWAIT } else { 0 };
+    // SAFETY: the iovec points at `spare`, memory of `buf`'s allocation
+    // valid for writes of its length and borrowed mutably for this
+    // synchronous call (the kernel may write uninitialised memory); `file`
+    // is open.
     let n = unsafe {
         libc::preadv2(
             file.as_raw_fd(),
             &iov,
             1,
-            offset as libc::off_t,
-            libc::RWF_NOWAIT,
+            (offset + filled as u64) as libc::off_t,
+            flags,
         )
     };
     if n < 0 {
-        if io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP) {
-            nowait.store(false, Ordering::Relaxed);
-        }
-        return Ok(false);
+        return Err(io::Error::last_os_error());
     }
-    if n as usize != buf.len() {
-        return Ok(false);
-    }
-    check(stack, run, buf)?;
-    Ok(true)
+    Ok(n as usize)
 }
 
-fn read_blocking(stack: &Stack, run: &Run, buf: &mut [u8]) -> io::Result<()> {
-    match run.source {
-        Source::Layer { layer, .. } => stack.image.layers()[layer]
-            .read_blocks(run.first_block, buf)
-            .map_err(io::Error::other),
-        _ => {
-            let (file, offset) = location(stack, run);
-            file.read_exact_at(buf, offset)
-        }
-    }
+/// `e` naming the file `run` is read from (the overlay is unlinked).
+fn with_path(stack: &Stack, run: &Run, offset: u64, e: io::Error) -> io::Error {
+    let file = match run.source {
+        Source::Layer { layer, .. } => stack.image.layers()[layer].path().display().to_string(),
+        _ => "the scratch overlay".to_string(),
+    };
+    io::Error::new(e.kind(), format!("{file}: read at offset {offset}: {e}"))
 }
