@@ -254,3 +254,39 @@ async fn concurrent_partial_writes_to_shared_blocks_all_survive() {
     }
     check_reads(&device, &model, &mut Rng(13)).await;
 }
+
+/// Every map entry of every layer lies in exactly one piece, in its own
+/// chunk, and each chunk lists its layers oldest first.
+#[test]
+fn chunk_table_lists_every_entry_once_oldest_layer_first() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (image, _) = three_layers(dir.path(), 10);
+    let table = super::index::ChunkTable::new(&image);
+    let chunks = SIZE.div_ceil(BLOCK) >> table.shift();
+    let mut seen = vec![0usize; image.layers().len()];
+    for chunk in 0..=chunks + 1 {
+        let pieces = table.pieces(chunk);
+        assert!(
+            pieces.windows(2).all(|w| w[0].layer < w[1].layer),
+            "chunk {chunk}: {pieces:?}"
+        );
+        for piece in pieces {
+            let entries = image.layers()[piece.layer].map().entries();
+            let (lo, hi) = piece.entries;
+            assert!(lo < hi, "chunk {chunk}: empty piece {piece:?}");
+            assert!(
+                entries[lo..hi]
+                    .iter()
+                    .all(|e| e.block >> table.shift() == chunk),
+                "chunk {chunk}: {piece:?} holds entries of other chunks"
+            );
+            seen[piece.layer] += hi - lo;
+        }
+    }
+    let want: Vec<usize> = image
+        .layers()
+        .iter()
+        .map(|l| l.map().entries().len())
+        .collect();
+    assert_eq!(seen, want, "entries listed per layer");
+}
