@@ -49,6 +49,8 @@ enum Command {
     /// Make the original disk equal to the failover disk again, shipping
     /// only the chunks that differ.
     Failback(commands::failover::FailbackArgs),
+    /// Serve a restore point over NBD at once, without rebuilding it.
+    ServePoint(commands::serve_point::ServePointArgs),
 }
 
 fn main() -> Result<()> {
@@ -70,5 +72,6 @@ fn main() -> Result<()> {
         Command::Restore(args) => commands::points::restore(args),
         Command::Failover(args) => commands::failover::failover(args),
         Command::Failback(args) => commands::failover::failback(args),
+        Command::ServePoint(args) => commands::serve_point::serve_point(args),
     }
 }

@@ -5,6 +5,7 @@ pub mod filter;
 pub mod point;
 pub mod points;
 pub mod replication;
+pub mod serve_point;
 
 use std::future::Future;
 use std::io::Write;

@@ -272,7 +272,7 @@ impl History {
 
     /// The disk at `point` as layers, for reading in place: the long-term
     /// layers, and the journal entries after them built into one more layer
-    /// in an unlinked file under `scratch`. How long this takes grows with
+    /// in a file without a name (O_TMPFILE) in the directory `scratch`. How long this takes grows with
     /// those entries only (the roll schedule bounds them), not with the
     /// number of points.
     pub fn image(
@@ -293,18 +293,11 @@ impl History {
             .journal
             .as_ref()
             .expect("a tail comes from the journal");
-        let path = scratch.join(format!(
-            "cdp-point-{}-{}.layer",
-            point.id,
-            std::process::id()
-        ));
-        let mut builder = crate::longterm::ImageBuilder::create(&image, &path, 0)?;
+        let mut builder = crate::longterm::ImageBuilder::create_unnamed(&image, scratch)?;
         for entry in &tail {
             builder.apply(&read_batch(journal, key, entry)?)?;
         }
-        let built = builder.finish();
-        let _ = std::fs::remove_file(&path);
-        let (file, map) = built?;
+        let (file, map) = builder.finish()?;
         let header = ImageHeader {
             kind: ImageKind::Delta,
             disk_id: [0; 16],
@@ -322,7 +315,13 @@ impl History {
             map_crc: 0,
             tag: None,
         };
-        image.push(Layer::from_parts(path, file, 0, header, map));
+        image.push(Layer::from_parts(
+            scratch.to_path_buf(),
+            file,
+            0,
+            header,
+            map,
+        ));
         Ok(image)
     }
 

@@ -2,9 +2,12 @@
 //! ships. [`server`] accepts a source and appends each verified batch durably
 //! to the [`journal`] (segment layout in [`format`](mod@format)), which
 //! recovers after a crash; [`restore`] rebuilds the disk at any restore
-//! point; [`failover`] makes a point into a disk production can run on.
-//! Delta images (long-term points under retention) come later; see
-//! `docs/ARCHITECTURE.md` and `docs/REPLICATION.md`.
+//! point through the [`history`] of both tiers: the journal's short-term
+//! points and the long-term base and delta images ([`longterm`], rolled and
+//! expired by the [`roller`]); [`failover`] makes a point into a disk
+//! production can run on; [`served`] exports a point over NBD in place,
+//! without rebuilding it (`cdp serve-point`). See `docs/ARCHITECTURE.md`,
+//! `docs/REPLICATION.md` and `docs/LONGTERM.md`.
 pub mod failover;
 pub mod format;
 pub mod history;
@@ -12,6 +15,7 @@ pub mod journal;
 pub mod longterm;
 pub mod restore;
 pub mod roller;
+pub mod served;
 pub mod server;
 
 pub use journal::{

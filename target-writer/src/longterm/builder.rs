@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use pipeline::batch::{Batch, Extent};
@@ -53,14 +53,31 @@ impl<'a> ImageBuilder<'a> {
             .create_new(true)
             .open(path)
             .map_err(io_err(path, "create image", 0))?;
-        Ok(ImageBuilder {
+        Ok(Self::over(below, path, file, data_offset))
+    }
+
+    /// A layer on top of `below` in a file without a name in the directory
+    /// `dir` (O_TMPFILE): it is gone when the last handle closes, however
+    /// the process ends. Block 0 is at offset 0.
+    pub(crate) fn create_unnamed(below: &'a PointImage, dir: &Path) -> Result<Self, LongTermError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_TMPFILE)
+            .open(dir)
+            .map_err(io_err(dir, "create an unnamed layer (O_TMPFILE)", 0))?;
+        Ok(Self::over(below, dir, file, 0))
+    }
+
+    fn over(below: &'a PointImage, path: &Path, file: File, data_offset: u64) -> Self {
+        ImageBuilder {
             below,
             path: path.to_path_buf(),
             file,
             data_offset,
             touched: BTreeMap::new(),
             zeros: vec![0; BLOCK as usize],
-        })
+        }
     }
 
     /// Applies one batch on top of everything applied before.

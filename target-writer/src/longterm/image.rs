@@ -146,10 +146,36 @@ impl Layer {
         self.file
             .read_exact_at(buf, offset)
             .map_err(io_err(&self.path, "read block", offset))?;
+        let entry = self.map.entries.partition_point(|e| e.block < block);
+        self.check_blocks(entry, block, buf)
+    }
+
+    /// The file holding the block data and where block 0 lies in it, for a
+    /// reader that reads blocks its own way (`served`'s page-cache reads)
+    /// and then checks them with [`Layer::check_blocks`].
+    pub(crate) fn data_file(&self) -> (&File, u64) {
+        (&self.file, self.data_offset)
+    }
+
+    /// Checks `count` consecutive data blocks read from `block` on (`buf`
+    /// is `count * BLOCK` bytes) against their CRCs in the map, where
+    /// `entry` is the index of `block`'s entry (the blocks are consecutive,
+    /// and so are their entries).
+    pub(crate) fn check_blocks(
+        &self,
+        entry: usize,
+        block: u64,
+        buf: &[u8],
+    ) -> Result<(), LongTermError> {
+        let entries = self.map.entries();
         for (i, data) in buf.chunks_exact(BLOCK as usize).enumerate() {
             let block = block + i as u64;
-            let Some(BlockState::Data { crc: stored }) = self.map.get(block) else {
-                unreachable!("read_blocks reads data blocks of the map only");
+            let stored = match entries.get(entry + i) {
+                Some(MapEntry {
+                    block: b,
+                    state: BlockState::Data { crc },
+                }) if *b == block => *crc,
+                _ => unreachable!("only data blocks of the map are read"),
             };
             let computed = crc32c::crc32c(data);
             if computed != stored {
