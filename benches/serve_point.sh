@@ -256,7 +256,7 @@ ttfb_rows+=("$(ttfb_case "long, journal trimmed" "$work/long")")
   echo "| long | $long_summary |"
   echo "| long, journal trimmed | $trimmed_summary |"
   echo
-  echo "Time to first byte (start of \`cdp serve-point\` to the first 4 KiB read done; median of $TTFB_RUNS warm runs; serve-point's own log for opening the history, which scans and verifies the journal, and for the point's layers):"
+  echo "Time to first byte (start of \`cdp serve-point\` to the first 4 KiB read done; median of $TTFB_RUNS warm runs; serve-point's own log for opening the history, which reads the journal's entry headers, and for the point's layers):"
   echo
   echo "| history | TTFB | range | cold cache | open history | open point | layers |"
   echo "|---|---:|---:|---:|---:|---:|---:|"
