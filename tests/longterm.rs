@@ -1,6 +1,6 @@
 //! The long-term tier end to end: `cdp target` rolling the journal into a
 //! base image and delta images on a shortened schedule, retention merging
-//! and removing, crashes (the `CDP_CRASH_AT` hook aborts the target between
+//! and removing, crashes (the `CDP_CRASH_AT` hook kill -9s the target between
 //! two durable steps) in the middle of rolls and merges, and restores from
 //! every tier compared byte for byte with copies of the disk made while the
 //! seeded workload paused.
@@ -202,7 +202,7 @@ fn target_with(dir: &Path, key: &Path, args: &[&str], crash: Option<&str>) -> Da
     Daemon::spawn(cmd)
 }
 
-/// Runs the target until it aborts at `step`.
+/// Runs the target until it kills itself (SIGKILL) at `step`.
 fn crash_at(dir: &Path, key: &Path, step: &str, args: &[&str]) {
     let mut target = target_with(dir, key, args, Some(step));
     target.wait_for_log(&format!("CDP_CRASH_AT={step}"), Duration::from_secs(60));

@@ -35,15 +35,17 @@ use crate::format::longterm::{
 use crate::journal::{Journal, RestorePoint};
 use crate::restore::read_batch;
 
-/// Kills the process at the named step when the environment variable
-/// `CDP_CRASH_AT` names it: a test hook, so crash tests can stop the target
-/// between any two durable steps (as a power cut would) and check recovery.
+/// Kills the process with SIGKILL at the named step when the environment
+/// variable `CDP_CRASH_AT` names it: a test hook, so crash tests can kill -9
+/// the target between any two durable steps and check recovery.
 pub fn crash_point(step: &str) {
     static CRASH_AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let at = CRASH_AT.get_or_init(|| std::env::var("CDP_CRASH_AT").ok());
     if at.as_deref() == Some(step) {
-        eprintln!("CDP_CRASH_AT={step}: stopping here");
-        std::process::abort();
+        eprintln!("CDP_CRASH_AT={step}: kill -9 here");
+        // SAFETY: kill(2) on our own pid with a signal number; no memory is
+        // involved.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
     }
 }
 

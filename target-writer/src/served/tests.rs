@@ -61,6 +61,7 @@ fn random_batch(rng: &mut Rng, model: &mut [u8]) -> Batch {
         last_seq: 0,
         ends_on_barrier: true,
         in_sync: false,
+        tag: None,
         extents,
     }
 }
