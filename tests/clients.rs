@@ -430,43 +430,9 @@ fn check_aio(filter: &Filter, backing: &Path, region: Range<u64>, seed: u64) {
     );
 }
 
-/// argv: URI PROBE... where a probe is `OP:OFFSET:COUNT:EXPECTED`, OP one of
-/// pread, pwrite, trim, zero; OFFSET and COUNT Python expressions in `size`
-/// (the export size); EXPECTED `ok` or an errno name. Strict mode is off so
-/// libnbd sends what it would otherwise refuse itself, and the probes share
-/// one connection, so later probes show it survived earlier errors.
-const PROBE_SCRIPT: &str = r#"
-import sys
-import nbd
-
-h = nbd.NBD()
-h.set_strict_mode(0)
-h.connect_uri(sys.argv[1])
-size = h.get_size()
-actions = {
-    "pread": lambda offset, count: h.pread(count, offset),
-    "pwrite": lambda offset, count: h.pwrite(b"\x5a" * count, offset),
-    "trim": lambda offset, count: h.trim(count, offset),
-    "zero": lambda offset, count: h.zero(count, offset),
-}
-unexpected = 0
-for probe in sys.argv[2:]:
-    op, offset, count, want = probe.split(":")
-    offset, count = (eval(x, {"size": size}) for x in (offset, count))
-    try:
-        actions[op](offset, count)
-        got = "ok"
-    except nbd.Error as e:
-        got = e.errno or str(e)
-    verdict = "as expected" if got == want else f"UNEXPECTED, wanted {want}"
-    print(f"{op} {count} bytes at {offset}: {got} ({verdict})")
-    unexpected += got != want
-sys.exit(1 if unexpected else 0)
-"#;
-
 /// Runs probes on one connection; every outcome must be as expected.
 fn check_probes(filter: &Filter, probes: &[&str]) {
-    let mut cmd = python(PROBE_SCRIPT);
+    let mut cmd = python(PROBES);
     cmd.arg(&filter.uri).args(probes);
     let seen = run_client(&mut cmd);
     let what = "an NBD request was not answered as the protocol requires";

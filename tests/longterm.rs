@@ -173,21 +173,6 @@ fn check_expected(
     );
 }
 
-/// Point id → tier, from `cdp points --json`.
-fn tiers(dir: &Path) -> BTreeMap<u64, String> {
-    let text = run_stdout(cdp().arg("points").arg("--dir").arg(dir).arg("--json"));
-    let json: serde_json::Value = serde_json::from_str(&text).expect("cdp points --json");
-    json["points"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no points array in {text}"))
-        .iter()
-        .map(|p| {
-            let id = p["id"].as_u64().expect("id");
-            (id, p["tier"].as_str().expect("tier").to_string())
-        })
-        .collect()
-}
-
 /// `cdp target` on the directory, with `CDP_CRASH_AT=crash` if given.
 fn target_with(dir: &Path, key: &Path, args: &[&str], crash: Option<&str>) -> Daemon {
     let mut cmd = cdp();

@@ -28,22 +28,16 @@ fn ext4_over_protect_every_point_is_a_clean_file_system() {
         "mount",
         "umount",
     ]);
-    const SIZE: u64 = 64 * MIB;
-    let dir = scratch();
-    let disk = dir.path().join("disk.img");
-    sparse_file(&disk, SIZE);
-    let fuse_dir = make_dir(dir.path(), "fuse");
-    let mount_dir = make_dir(dir.path(), "mnt");
-    let socket = dir.path().join("nbd.sock");
-    let socket_arg = socket.to_str().expect("UTF-8 path");
-    let mut repl = Replication::start_with(
-        dir.path(),
-        &disk,
-        &["--socket", socket_arg],
-        &["--rpo", RPO],
-    );
+    // `dir` first: dropped last, after everything running in it.
+    let OnSocket {
+        dir,
+        mut repl,
+        disk,
+        fuse_dir,
+        mount_dir,
+    } = OnSocket::start(&["--rpo", RPO], &[]);
 
-    let fuse = FuseMount::nbdfuse(&fuse_dir, &repl.uri(), SIZE);
+    let fuse = FuseMount::nbdfuse(&fuse_dir, &repl.uri(), FS_DISK);
     let device = LoopDevice::attach(&fuse.file, true);
     run(Command::new("mkfs.ext4")
         .args(["-F", "-q"])

@@ -99,7 +99,7 @@ fn points_of_every_tier_serve_what_restore_and_the_pauses_hold() {
     );
     std::thread::sleep(std::time::Duration::from_secs(2));
     target.stop_ok();
-    let after = support::tiers(&dir);
+    let after = common::replication::tiers(&dir);
     assert!(
         after.values().any(|tier| tier == "long-term"),
         "retention left no point in the long-term tier alone: {after:?}"
@@ -353,22 +353,15 @@ fn ext4_from_a_served_point_checks_clean_and_mounts_read_only() {
         "mount",
         "umount",
     ]);
-    const SIZE: u64 = 64 * MIB;
-    let tmp = scratch();
-    let disk = tmp.path().join("disk.img");
-    sparse_file(&disk, SIZE);
-    let fuse_dir = make_dir(tmp.path(), "fuse");
-    let mount_dir = make_dir(tmp.path(), "mnt");
-    let socket = tmp.path().join("protect.sock");
-    let socket_arg = socket.to_str().expect("UTF-8 path");
-    let mut repl = Replication::start_full(
-        tmp.path(),
-        &disk,
-        &["--socket", socket_arg],
-        &["--rpo", RPO],
-        &["--long-term-every", "1s"],
-    );
-    let fuse = FuseMount::nbdfuse(&fuse_dir, &repl.uri(), SIZE);
+    // `dir` first: dropped last, after everything running in it.
+    let OnSocket {
+        dir: tmp,
+        mut repl,
+        fuse_dir,
+        mount_dir,
+        ..
+    } = OnSocket::start(&["--rpo", RPO], &["--long-term-every", "1s"]);
+    let fuse = FuseMount::nbdfuse(&fuse_dir, &repl.uri(), FS_DISK);
     let device = LoopDevice::attach(&fuse.file, true);
     run(Command::new("mkfs.ext4")
         .args(["-F", "-q"])
@@ -398,7 +391,7 @@ fn ext4_from_a_served_point_checks_clean_and_mounts_read_only() {
     let served_socket = tmp.path().join("served.sock");
     let served_arg = served_socket.to_str().expect("UTF-8 path");
     let served = serve(&dir, &key, &newest, &["--socket", served_arg], &[]);
-    let fuse = FuseMount::nbdfuse(&fuse_dir, &served.uri, SIZE);
+    let fuse = FuseMount::nbdfuse(&fuse_dir, &served.uri, FS_DISK);
     let attached = run_stdout(
         Command::new("losetup")
             .args(["--find", "--show", "-r"])

@@ -23,28 +23,18 @@ fn a_frozen_ext4_point_is_clean_without_journal_replay_and_holds_every_file() {
         "mount",
         "umount",
     ]);
-    const SIZE: u64 = 64 * MIB;
-    let dir = scratch();
-    let disk = dir.path().join("disk.img");
-    sparse_file(&disk, SIZE);
-    let fuse_dir = make_dir(dir.path(), "fuse");
-    let mount_dir = make_dir(dir.path(), "mnt");
-    let socket = dir.path().join("nbd.sock");
+    // `dir` first: dropped last, after everything running in it.
+    let OnSocket {
+        dir,
+        mut repl,
+        disk,
+        fuse_dir,
+        mount_dir,
+    } = OnSocket::start(&["--rpo", RPO, "--control", "{dir}/control.sock"], &[]);
     let control = dir.path().join("control.sock");
-    let mut repl = Replication::start_with(
-        dir.path(),
-        &disk,
-        &["--socket", socket.to_str().expect("UTF-8 path")],
-        &[
-            "--rpo",
-            RPO,
-            "--control",
-            control.to_str().expect("UTF-8 path"),
-        ],
-    );
     repl.protect().wait_for_log("full sync complete", PATIENCE);
 
-    let fuse = FuseMount::nbdfuse(&fuse_dir, &repl.uri(), SIZE);
+    let fuse = FuseMount::nbdfuse(&fuse_dir, &repl.uri(), FS_DISK);
     let device = LoopDevice::attach(&fuse.file, true);
     run(Command::new("mkfs.ext4")
         .args(["-F", "-q"])

@@ -19,8 +19,8 @@ use std::path::{Path, PathBuf};
 use pipeline::key::Key;
 
 use crate::format::longterm::{
-    base_map_file_name, delta_file_name, Catalog, ImageHeader, ImageKind, LongTermPoint,
-    PointStamp, BASE_IMAGE_FILE, BLOCK_SIZE, LONGTERM_DIR,
+    base_map_file_name, delta_file_name, Catalog, LongTermPoint, PointStamp, BASE_IMAGE_FILE,
+    LONGTERM_DIR,
 };
 use crate::journal::{Journal, JournalError, JOURNAL_DIR};
 use crate::longterm::{Layer, LongTermError, PointImage};
@@ -298,29 +298,18 @@ impl History {
             builder.apply(&read_batch(journal, key, entry)?)?;
         }
         let (file, map) = builder.finish()?;
-        let header = ImageHeader {
-            kind: ImageKind::Delta,
-            disk_id: [0; 16],
-            disk_size: self.disk_size,
-            block_size: BLOCK_SIZE,
-            number: 0,
-            point: PointStamp {
-                entry_id: point.id,
-                last_seq: point.last_seq,
-                point_time_ns: point.point_time_ns,
-                received_time_ns: point.received_time_ns,
-            },
-            map_offset: 0,
-            map_entries: 0,
-            map_crc: 0,
-            tag: None,
+        let point_stamp = PointStamp {
+            entry_id: point.id,
+            last_seq: point.last_seq,
+            point_time_ns: point.point_time_ns,
+            received_time_ns: point.received_time_ns,
         };
-        image.push(Layer::from_parts(
+        image.push(Layer::in_memory(
             scratch.to_path_buf(),
             file,
-            0,
-            header,
             map,
+            self.disk_size,
+            point_stamp,
         ));
         Ok(image)
     }

@@ -715,3 +715,71 @@ segment()
 h.shutdown()
 print("done " + " ".join(f"{k}={v}" for k, v in counts.items()), flush=True)
 "#;
+
+// ---------------------------------------------------------------------------
+// A disk for a file system: protect serving it on a Unix socket
+// ---------------------------------------------------------------------------
+
+/// Size of [`OnSocket`]'s disk.
+pub const FS_DISK: u64 = 64 * MIB;
+
+/// A sparse 64 MiB disk protected through a Unix socket, with empty `fuse`
+/// and `mnt` directories beside it for nbdfuse and a mount.
+pub struct OnSocket {
+    pub repl: Replication,
+    pub disk: PathBuf,
+    pub fuse_dir: PathBuf,
+    pub mount_dir: PathBuf,
+    /// Bind it first when destructuring, so that it is dropped last.
+    pub dir: tempfile::TempDir,
+}
+
+impl OnSocket {
+    /// Starts target and protect (`--socket DIR/nbd.sock PROTECT_ARGS...`,
+    /// the target with TARGET_ARGS...); `args` may name `{dir}`, replaced by
+    /// the directory's path.
+    pub fn start(protect_args: &[&str], target_args: &[&str]) -> OnSocket {
+        let dir = scratch();
+        let disk = dir.path().join("disk.img");
+        sparse_file(&disk, FS_DISK);
+        let fuse_dir = make_dir(dir.path(), "fuse");
+        let mount_dir = make_dir(dir.path(), "mnt");
+        let socket = dir.path().join("nbd.sock");
+        let root = dir.path().to_str().expect("UTF-8 path");
+        let args: Vec<String> = protect_args
+            .iter()
+            .map(|a| a.replace("{dir}", root))
+            .collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let socket_arg = socket.to_str().expect("UTF-8 path");
+        let repl = Replication::start_full(
+            dir.path(),
+            &disk,
+            &["--socket", socket_arg],
+            &args,
+            target_args,
+        );
+        OnSocket {
+            repl,
+            disk,
+            fuse_dir,
+            mount_dir,
+            dir,
+        }
+    }
+}
+
+/// Point id → tier (`journal`, `long-term`, `both`), from `cdp points --json`.
+pub fn tiers(dir: &Path) -> std::collections::BTreeMap<u64, String> {
+    let text = run_stdout(cdp().arg("points").arg("--dir").arg(dir).arg("--json"));
+    let json: serde_json::Value = serde_json::from_str(&text).expect("cdp points --json");
+    json["points"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no points array in {text}"))
+        .iter()
+        .map(|p| {
+            let id = p["id"].as_u64().expect("id");
+            (id, p["tier"].as_str().expect("tier").to_string())
+        })
+        .collect()
+}

@@ -193,21 +193,6 @@ pub fn known_history(seed: u64) -> Known {
     }
 }
 
-/// Point id → tier (`journal`, `long-term`, `both`), from `cdp points --json`.
-pub fn tiers(dir: &Path) -> std::collections::BTreeMap<u64, String> {
-    let text = run_stdout(cdp().arg("points").arg("--dir").arg(dir).arg("--json"));
-    let json: serde_json::Value = serde_json::from_str(&text).expect("cdp points --json");
-    json["points"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no points array in {text}"))
-        .iter()
-        .map(|p| {
-            let id = p["id"].as_u64().expect("id");
-            (id, p["tier"].as_str().expect("tier").to_string())
-        })
-        .collect()
-}
-
 /// Every file under `dir` with its size and SHA-256, sorted, one per line
 /// (directories are listed too, so an added empty one shows).
 pub fn fingerprint(dir: &Path) -> String {
@@ -291,37 +276,4 @@ for cookie, _ in writes:
 h.flush()
 h.shutdown()
 print(f"done: {len(writes)} writes, up to {most} in flight")
-"#;
-
-/// argv: URI PROBE... where a probe is `OP:OFFSET:COUNT:EXPECTED`, OP one of
-/// pread, pwrite, trim, zero; OFFSET and COUNT Python expressions in `size`;
-/// EXPECTED `ok` or an errno name. Strict mode off, so libnbd sends what it
-/// would refuse itself; all probes share one connection.
-pub const PROBES: &str = r#"
-import sys
-import nbd
-
-h = nbd.NBD()
-h.set_strict_mode(0)
-h.connect_uri(sys.argv[1])
-size = h.get_size()
-actions = {
-    "pread": lambda offset, count: h.pread(count, offset),
-    "pwrite": lambda offset, count: h.pwrite(b"\x5a" * count, offset),
-    "trim": lambda offset, count: h.trim(count, offset),
-    "zero": lambda offset, count: h.zero(count, offset),
-}
-unexpected = 0
-for probe in sys.argv[2:]:
-    op, offset, count, want = probe.split(":")
-    offset, count = (eval(x, {"size": size}) for x in (offset, count))
-    try:
-        actions[op](offset, count)
-        got = "ok"
-    except nbd.Error as e:
-        got = e.errno or str(e)
-    verdict = "as expected" if got == want else f"UNEXPECTED, wanted {want}"
-    print(f"{op} {count} bytes at {offset}: {got} ({verdict})")
-    unexpected += got != want
-sys.exit(1 if unexpected else 0)
 "#;

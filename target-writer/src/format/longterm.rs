@@ -97,7 +97,7 @@ pub enum ImageKind {
 }
 
 /// The restore point a long-term image stands for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PointStamp {
     /// The journal entry id of the point; long-term points share the
     /// journal's ids.

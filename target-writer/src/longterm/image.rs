@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use super::chain::MAX_RUN_BLOCKS;
 use super::error::{io_err, LongTermError};
 use crate::format::longterm::{
-    decode_map, BlockState, ImageHeader, ImageKind, MapEntry, BLOCK_SIZE, IMAGE_HEADER_LEN,
+    decode_map, BlockState, ImageHeader, ImageKind, MapEntry, PointStamp, BLOCK_SIZE,
+    IMAGE_HEADER_LEN,
 };
 
 pub(crate) const BLOCK: u64 = BLOCK_SIZE as u64;
@@ -108,19 +109,33 @@ impl Layer {
         })
     }
 
-    /// A layer over a file written by an [`super::builder::ImageBuilder`]
-    /// and kept only in memory (the journal part of a point being served).
-    pub(crate) fn from_parts(
+    /// A layer over a file an [`super::builder::ImageBuilder`] wrote with
+    /// block 0 at offset 0 and kept only in memory (the journal part of a
+    /// point being served): its header is made up from `disk_size` and
+    /// `point`; `path` names it in errors.
+    pub(crate) fn in_memory(
         path: PathBuf,
         file: File,
-        data_offset: u64,
-        header: ImageHeader,
         map: BlockMap,
+        disk_size: u64,
+        point: PointStamp,
     ) -> Layer {
+        let header = ImageHeader {
+            kind: ImageKind::Delta,
+            disk_id: [0; 16],
+            disk_size,
+            block_size: BLOCK_SIZE,
+            number: 0,
+            point,
+            map_offset: 0,
+            map_entries: 0,
+            map_crc: 0,
+            tag: None,
+        };
         Layer {
             path,
             file,
-            data_offset,
+            data_offset: 0,
             header,
             map,
         }

@@ -60,26 +60,6 @@ fn apply_to_model(model: &mut [u8], batch: &Batch) {
     }
 }
 
-fn header() -> ImageHeader {
-    ImageHeader {
-        kind: ImageKind::Delta,
-        disk_id: [0; 16],
-        disk_size: DISK,
-        block_size: BLOCK_SIZE,
-        number: 0,
-        point: PointStamp {
-            entry_id: 0,
-            last_seq: 0,
-            point_time_ns: 0,
-            received_time_ns: 0,
-        },
-        map_offset: 0,
-        map_entries: 0,
-        map_crc: 0,
-        tag: None,
-    }
-}
-
 proptest! {
     #[test]
     fn stacked_layers_read_like_the_model(
@@ -100,7 +80,7 @@ proptest! {
                 apply_to_model(&mut model, &batch);
             }
             let (file, map) = builder.finish().unwrap();
-            image.push(Layer::from_parts(path, file, 0, header(), map));
+            image.push(Layer::in_memory(path, file, map, DISK, PointStamp::default()));
             let mut read = vec![0u8; DISK as usize];
             image.read_at(&mut read, 0).unwrap();
             prop_assert!(read == model, "layer {} reads differ", i);

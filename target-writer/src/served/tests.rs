@@ -66,26 +66,6 @@ fn random_batch(rng: &mut Rng, model: &mut [u8]) -> Batch {
     }
 }
 
-fn header() -> ImageHeader {
-    ImageHeader {
-        kind: ImageKind::Delta,
-        disk_id: [0; 16],
-        disk_size: SIZE,
-        block_size: BLOCK as u32,
-        number: 0,
-        point: PointStamp {
-            entry_id: 0,
-            last_seq: 0,
-            point_time_ns: 0,
-            received_time_ns: 0,
-        },
-        map_offset: 0,
-        map_entries: 0,
-        map_crc: 0,
-        tag: None,
-    }
-}
-
 /// Three layers of random batches over an empty disk, and the model. Long
 /// extents fill whole chunks (found directly), short ones and gaps leave
 /// others sparse (searched).
@@ -102,7 +82,13 @@ fn three_layers(dir: &Path, seed: u64) -> (PointImage, Vec<u8>) {
                 .expect("apply a batch");
         }
         let (file, map) = builder.finish().expect("finish a layer");
-        image.push(Layer::from_parts(path, file, 0, header(), map));
+        image.push(Layer::in_memory(
+            path,
+            file,
+            map,
+            SIZE,
+            PointStamp::default(),
+        ));
     }
     (image, model)
 }
