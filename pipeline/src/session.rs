@@ -21,10 +21,27 @@ use crate::codec::{
 };
 use crate::key::Key;
 
-/// Opens every handshake message.
-pub const MAGIC: [u8; 8] = *b"CDPREPL1";
-/// The session protocol version this build speaks.
-pub const VERSION: u16 = 1;
+/// A protocol that opens with this module's handshake: its magic and
+/// version, and what each side is called in messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Protocol {
+    pub name: &'static str,
+    pub magic: [u8; 8],
+    pub version: u16,
+    /// The side that connects and announces the disk.
+    pub initiator: &'static str,
+    /// The side that accepts and admits it.
+    pub responder: &'static str,
+}
+
+/// Replication: `cdp protect` (the source) to `cdp target`.
+pub const REPLICATION: Protocol = Protocol {
+    name: "replication",
+    magic: *b"CDPREPL1",
+    version: 1,
+    initiator: "source",
+    responder: "target",
+};
 /// Largest frame a peer may send (a batch is cut well below this).
 pub const MAX_FRAME: usize = 512 << 20;
 
@@ -61,20 +78,25 @@ pub enum Refusal {
 pub enum SessionError {
     #[error("connection: {0}")]
     Io(#[from] std::io::Error),
-    #[error("the peer does not speak the cdp replication protocol (bad magic {0:02x?})")]
-    BadMagic([u8; 8]),
-    #[error("protocol version mismatch: we speak {ours}, the peer {theirs}")]
-    Version { ours: u16, theirs: u16 },
-    #[error("the target failed to prove it holds our key: the key files differ")]
-    TargetWrongKey,
-    #[error("the source failed to prove it holds our key: the key files differ")]
-    SourceWrongKey,
-    #[error("the target refused us: {0}")]
-    Refused(String),
-    #[error("the source rejected our key proof: the key files differ")]
-    OurProofRejected,
-    #[error("turned the source away: {0}")]
-    TurnedAway(String),
+    #[error("the peer does not speak the cdp {protocol} protocol (bad magic {magic:02x?})")]
+    BadMagic {
+        protocol: &'static str,
+        magic: [u8; 8],
+    },
+    #[error("{protocol} protocol version mismatch: we speak {ours}, the peer {theirs}")]
+    Version {
+        protocol: &'static str,
+        ours: u16,
+        theirs: u16,
+    },
+    #[error("the {peer} failed to prove it holds our key: the key files differ")]
+    PeerWrongKey { peer: &'static str },
+    #[error("the {peer} refused us: {message}")]
+    Refused { peer: &'static str, message: String },
+    #[error("the {peer} rejected our key proof: the key files differ")]
+    OurProofRejected { peer: &'static str },
+    #[error("turned the {peer} away: {message}")]
+    TurnedAway { peer: &'static str, message: String },
     #[error("frame of {0} bytes exceeds the {MAX_FRAME} byte limit")]
     FrameTooBig(usize),
     #[error("frame: {0}")]
@@ -93,10 +115,10 @@ pub struct Session {
     pub opener: Opener,
 }
 
-fn encode_hello(hello: &Hello, nonce: &[u8; 32]) -> [u8; HELLO_LEN] {
+fn encode_hello(protocol: &Protocol, hello: &Hello, nonce: &[u8; 32]) -> [u8; HELLO_LEN] {
     let mut b = [0u8; HELLO_LEN];
-    b[0..8].copy_from_slice(&MAGIC);
-    b[8..10].copy_from_slice(&VERSION.to_be_bytes());
+    b[0..8].copy_from_slice(&protocol.magic);
+    b[8..10].copy_from_slice(&protocol.version.to_be_bytes());
     b[12..28].copy_from_slice(&hello.disk_id);
     b[28..36].copy_from_slice(&hello.disk_size.to_be_bytes());
     b[36..68].copy_from_slice(nonce);
@@ -108,20 +130,28 @@ fn transcript(hello: &[u8; HELLO_LEN], target_nonce: &[u8; 32]) -> Vec<u8> {
     [&hello[..], &target_nonce[..]].concat()
 }
 
-fn check_magic_and_version(magic: [u8; 8], version: u16) -> Result<(), SessionError> {
-    if magic != MAGIC {
-        return Err(SessionError::BadMagic(magic));
+fn check_magic_and_version(
+    protocol: &Protocol,
+    magic: [u8; 8],
+    version: u16,
+) -> Result<(), SessionError> {
+    if magic != protocol.magic {
+        return Err(SessionError::BadMagic {
+            protocol: protocol.name,
+            magic,
+        });
     }
-    if version != VERSION {
+    if version != protocol.version {
         return Err(SessionError::Version {
-            ours: VERSION,
+            protocol: protocol.name,
+            ours: protocol.version,
             theirs: version,
         });
     }
     Ok(())
 }
 
-pub(crate) async fn write_status<S: AsyncWrite + Unpin>(
+async fn write_status<S: AsyncWrite + Unpin>(
     stream: &mut S,
     status: u16,
     message: &str,
@@ -134,9 +164,7 @@ pub(crate) async fn write_status<S: AsyncWrite + Unpin>(
     stream.write_all(&b).await
 }
 
-pub(crate) async fn read_status<S: AsyncRead + Unpin>(
-    stream: &mut S,
-) -> Result<(u16, String), SessionError> {
+async fn read_status<S: AsyncRead + Unpin>(stream: &mut S) -> Result<(u16, String), SessionError> {
     let status = stream.read_u16().await?;
     let len = stream.read_u16().await? as usize;
     let mut message = vec![0u8; len];
@@ -144,10 +172,26 @@ pub(crate) async fn read_status<S: AsyncRead + Unpin>(
     Ok((status, String::from_utf8_lossy(&message).into_owned()))
 }
 
-fn error_for_status(status: u16, message: String) -> SessionError {
+/// What a status other than OK from the responder means to the initiator.
+fn error_for_status(protocol: &Protocol, status: u16, message: String) -> SessionError {
     match status {
-        STATUS_WRONG_KEY => SessionError::SourceWrongKey,
-        _ => SessionError::Refused(message),
+        STATUS_WRONG_KEY => SessionError::OurProofRejected {
+            peer: protocol.responder,
+        },
+        _ => SessionError::Refused {
+            peer: protocol.responder,
+            message,
+        },
+    }
+}
+
+async fn read_ok<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    protocol: &Protocol,
+) -> Result<(), SessionError> {
+    match read_status(stream).await? {
+        (STATUS_OK, _) => Ok(()),
+        (status, message) => Err(error_for_status(protocol, status, message)),
     }
 }
 
@@ -158,83 +202,96 @@ pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
     key: &Key,
     hello: Hello,
 ) -> Result<(Session, TargetState), SessionError> {
-    let source_nonce = SessionSalt::random_half();
-    let hello_bytes = encode_hello(&hello, &source_nonce);
-    stream.write_all(&hello_bytes).await?;
+    let mut session = connect_with(stream, key, &REPLICATION, hello).await?;
+    let (meta, body) = session.receive(stream).await?;
+    if meta.kind != FrameKind::Ack {
+        return Err(SessionError::UnexpectedFrame(meta.kind));
+    }
+    let next_seq = decode_ack(&body)?;
+    Ok((session, TargetState { next_seq }))
+}
 
+/// The initiator's side of `protocol`'s handshake: announces the disk,
+/// checks the responder's proof and proves ours. Frames it seals travel
+/// `SourceToTarget`.
+pub async fn connect_with<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    key: &Key,
+    protocol: &Protocol,
+    hello: Hello,
+) -> Result<Session, SessionError> {
+    let source_nonce = SessionSalt::random_half();
+    let hello_bytes = encode_hello(protocol, &hello, &source_nonce);
+    stream.write_all(&hello_bytes).await?;
     let mut magic = [0u8; 8];
     stream.read_exact(&mut magic).await?;
     let version = stream.read_u16().await?;
-    check_magic_and_version(magic, version)?;
-    let (status, message) = read_status(stream).await?;
-    if status != STATUS_OK {
-        return Err(error_for_status(status, message));
-    }
+    check_magic_and_version(protocol, magic, version)?;
+    read_ok(stream, protocol).await?;
     let mut target_nonce = [0u8; 32];
     stream.read_exact(&mut target_nonce).await?;
     let mut target_proof = [0u8; 32];
     stream.read_exact(&mut target_proof).await?;
-
     let salt = SessionSalt {
         source_nonce,
         target_nonce,
     };
     let transcript = transcript(&hello_bytes, &target_nonce);
-    if !verify_proof(
-        key,
-        &salt,
-        Direction::TargetToSource,
-        &transcript,
-        &target_proof,
-    ) {
-        // Tell the target why we hang up, so its log can say so too.
+    let responder = Direction::TargetToSource;
+    if !verify_proof(key, &salt, responder, &transcript, &target_proof) {
+        // Tell the responder why we hang up, so its log can say so too.
         let _ = stream.write_all(&PROOF_REJECTED).await;
-        return Err(SessionError::TargetWrongKey);
+        return Err(SessionError::PeerWrongKey {
+            peer: protocol.responder,
+        });
     }
-    stream
-        .write_all(&handshake_proof(
-            key,
-            &salt,
-            Direction::SourceToTarget,
-            &transcript,
-        ))
-        .await?;
-    let (status, message) = read_status(stream).await?;
-    if status != STATUS_OK {
-        return Err(error_for_status(status, message));
-    }
-    let mut session = Session {
+    let proof = handshake_proof(key, &salt, Direction::SourceToTarget, &transcript);
+    stream.write_all(&proof).await?;
+    read_ok(stream, protocol).await?;
+    Ok(Session {
         sealer: Sealer::new(key, &salt, Direction::SourceToTarget),
         opener: Opener::new(key, &salt, Direction::TargetToSource),
         salt,
-    };
-    let (meta, body) = session.receive(stream).await?;
-    if meta.kind != FrameKind::Ack {
-        return Err(SessionError::UnexpectedFrame(meta.kind));
-    }
-    Ok((
-        session,
-        TargetState {
-            next_seq: decode_ack(&body)?,
-        },
-    ))
+    })
 }
 
-/// The target's side: reads the hello, asks `admit` whether to take this
-/// disk (and where its journal stands), proves our key, checks the source's
-/// proof, and tells the source where we stand.
+/// The target's side: reads the hello, proves our key, checks the source's
+/// proof, asks `admit` whether to take this disk (and where its journal
+/// stands), and tells the source where we stand.
 pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     key: &Key,
     admit: impl FnOnce(&Hello) -> Result<TargetState, Refusal>,
 ) -> Result<(Session, Hello), SessionError> {
+    let mut state = None;
+    let (mut session, hello) = accept_with(stream, key, &REPLICATION, |hello| {
+        let admitted = admit(hello).map_err(|Refusal::OtherDisk(message)| message)?;
+        state = Some(admitted);
+        Ok(())
+    })
+    .await?;
+    let next_seq = state.expect("admitted").next_seq;
+    session.send_ack(stream, hello.disk_id, next_seq).await?;
+    Ok((session, hello))
+}
+
+/// The responder's side of `protocol`'s handshake: reads the hello, proves
+/// our key, checks the initiator's proof, and only then asks `admit`
+/// whether to take the announced disk (an error is the reason to turn the
+/// initiator away). Frames it seals travel `TargetToSource`.
+pub async fn accept_with<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    key: &Key,
+    protocol: &Protocol,
+    admit: impl FnOnce(&Hello) -> Result<(), String>,
+) -> Result<(Session, Hello), SessionError> {
     let mut hello_bytes = [0u8; HELLO_LEN];
     stream.read_exact(&mut hello_bytes).await?;
     let magic: [u8; 8] = hello_bytes[0..8].try_into().expect("8 bytes");
     let version = u16::from_be_bytes([hello_bytes[8], hello_bytes[9]]);
-    stream.write_all(&MAGIC).await?;
-    stream.write_all(&VERSION.to_be_bytes()).await?;
-    if let Err(e) = check_magic_and_version(magic, version) {
+    stream.write_all(&protocol.magic).await?;
+    stream.write_all(&protocol.version.to_be_bytes()).await?;
+    if let Err(e) = check_magic_and_version(protocol, magic, version) {
         if matches!(e, SessionError::Version { .. }) {
             write_status(stream, STATUS_VERSION, &e.to_string()).await?;
         }
@@ -244,27 +301,21 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         disk_id: hello_bytes[12..28].try_into().expect("16 bytes"),
         disk_size: u64::from_be_bytes(hello_bytes[28..36].try_into().expect("8 bytes")),
     };
-    let source_nonce: [u8; 32] = hello_bytes[36..68].try_into().expect("32 bytes");
     write_status(stream, STATUS_OK, "").await?;
-    let target_nonce = SessionSalt::random_half();
     let salt = SessionSalt {
-        source_nonce,
-        target_nonce,
+        source_nonce: hello_bytes[36..68].try_into().expect("32 bytes"),
+        target_nonce: SessionSalt::random_half(),
     };
-    let transcript = transcript(&hello_bytes, &target_nonce);
-    stream.write_all(&target_nonce).await?;
-    stream
-        .write_all(&handshake_proof(
-            key,
-            &salt,
-            Direction::TargetToSource,
-            &transcript,
-        ))
-        .await?;
+    let transcript = transcript(&hello_bytes, &salt.target_nonce);
+    stream.write_all(&salt.target_nonce).await?;
+    let proof = handshake_proof(key, &salt, Direction::TargetToSource, &transcript);
+    stream.write_all(&proof).await?;
     let mut source_proof = [0u8; 32];
     stream.read_exact(&mut source_proof).await?;
     if source_proof == PROOF_REJECTED {
-        return Err(SessionError::OurProofRejected);
+        return Err(SessionError::OurProofRejected {
+            peer: protocol.initiator,
+        });
     }
     if !verify_proof(
         key,
@@ -273,35 +324,30 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         &transcript,
         &source_proof,
     ) {
-        write_status(
-            stream,
-            STATUS_WRONG_KEY,
-            "the source failed to prove it holds our key",
-        )
-        .await?;
-        return Err(SessionError::SourceWrongKey);
+        let message = format!(
+            "the {} failed to prove it holds our key",
+            protocol.initiator
+        );
+        write_status(stream, STATUS_WRONG_KEY, &message).await?;
+        return Err(SessionError::PeerWrongKey {
+            peer: protocol.initiator,
+        });
     }
-    // Only an authenticated source may claim the target's directory, or
-    // learn anything about it.
-    let state = match admit(&hello) {
-        Ok(state) => state,
-        Err(refusal) => {
-            let (status, message) = match &refusal {
-                Refusal::OtherDisk(m) => (STATUS_OTHER_DISK, m),
-            };
-            write_status(stream, status, message).await?;
-            return Err(SessionError::TurnedAway(message.clone()));
-        }
-    };
+    // Only an authenticated initiator may claim anything of ours, or learn
+    // anything about it.
+    if let Err(message) = admit(&hello) {
+        write_status(stream, STATUS_OTHER_DISK, &message).await?;
+        return Err(SessionError::TurnedAway {
+            peer: protocol.initiator,
+            message,
+        });
+    }
     write_status(stream, STATUS_OK, "").await?;
-    let mut session = Session {
+    let session = Session {
         sealer: Sealer::new(key, &salt, Direction::TargetToSource),
         opener: Opener::new(key, &salt, Direction::SourceToTarget),
         salt,
     };
-    session
-        .send_ack(stream, hello.disk_id, state.next_seq)
-        .await?;
     Ok((session, hello))
 }
 
@@ -433,12 +479,15 @@ mod tests {
         let (ours, theirs) = (key(dir.path(), "a"), key(dir.path(), "b"));
         let (source, target) = handshake(&ours, &theirs, |_| Ok(TargetState { next_seq: 0 })).await;
         assert!(
-            matches!(source, Err(SessionError::TargetWrongKey)),
+            matches!(source, Err(SessionError::PeerWrongKey { peer: "target" })),
             "{source:?}"
         );
         // The source says it rejected our proof, so the target's log can too.
         assert!(
-            matches!(target, Err(SessionError::OurProofRejected)),
+            matches!(
+                target,
+                Err(SessionError::OurProofRejected { peer: "source" })
+            ),
             "{target:?}"
         );
     }
@@ -452,7 +501,7 @@ mod tests {
         })
         .await;
         assert!(
-            matches!(source, Err(SessionError::Refused(ref m)) if m.contains("another disk")),
+            matches!(source, Err(SessionError::Refused { ref message, .. }) if message.contains("another disk")),
             "{source:?}"
         );
         assert!(target.is_err());
@@ -466,7 +515,7 @@ mod tests {
         a.write_all(&[0x55; HELLO_LEN]).await.unwrap();
         let target = accept(&mut b, &k, |_| Ok(TargetState { next_seq: 0 })).await;
         assert!(
-            matches!(target, Err(SessionError::BadMagic(_))),
+            matches!(target, Err(SessionError::BadMagic { .. })),
             "{target:?}"
         );
     }

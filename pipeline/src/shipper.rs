@@ -241,13 +241,13 @@ impl State {
             match session::connect(&mut stream, &self.config.key, self.config.hello).await {
                 Ok(done) => done,
                 Err(
-                    e @ (SessionError::TargetWrongKey
-                    | SessionError::SourceWrongKey
+                    e @ (SessionError::PeerWrongKey { .. }
+                    | SessionError::OurProofRejected { .. }
                     | SessionError::Version { .. }),
                 ) => {
                     return Err(StreamEnd::Fatal(ShipError::Refused(e.to_string())));
                 }
-                Err(SessionError::Refused(message)) => {
+                Err(SessionError::Refused { message, .. }) => {
                     return Err(StreamEnd::Fatal(ShipError::Refused(message)))
                 }
                 Err(e) => return Err(lost(&e)),

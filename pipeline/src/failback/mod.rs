@@ -57,20 +57,6 @@ pub enum FailbackError {
     Empty(PathBuf),
     #[error(transparent)]
     Session(#[from] SessionError),
-    #[error("the peer does not speak the cdp failback protocol (bad magic {0:02x?})")]
-    BadMagic([u8; 8]),
-    #[error("failback protocol version mismatch: we speak {ours}, the peer {theirs}")]
-    Version { ours: u16, theirs: u16 },
-    #[error("the receiver failed to prove it holds our key: the key files differ")]
-    ReceiverWrongKey,
-    #[error("the sender failed to prove it holds our key: the key files differ")]
-    SenderWrongKey,
-    #[error("the sender rejected our key proof: the key files differ")]
-    OurProofRejected,
-    #[error("the receiver refused: {0}")]
-    Refused(String),
-    #[error("turned the sender away: {0}")]
-    TurnedAway(String),
     #[error("failback protocol: {0}")]
     Protocol(String),
     #[error("a failback task died: {0}")]

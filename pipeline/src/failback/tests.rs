@@ -97,11 +97,21 @@ async fn a_wrong_key_is_caught_by_each_side_before_anything_is_written() {
     let b = disk_file(&dir.path().join("b.img"), SIZE, 2);
     let (received, sent) = pass(&a, &b, (&ours, &theirs), disk_id(&a, SIZE)).await;
     assert!(
-        matches!(sent, Err(FailbackError::ReceiverWrongKey)),
+        matches!(
+            sent,
+            Err(FailbackError::Session(SessionError::PeerWrongKey {
+                peer: "receiver"
+            }))
+        ),
         "{sent:?}"
     );
     assert!(
-        matches!(received, Err(FailbackError::OurProofRejected)),
+        matches!(
+            received,
+            Err(FailbackError::Session(SessionError::OurProofRejected {
+                peer: "sender"
+            }))
+        ),
         "{received:?}"
     );
     assert!(std::fs::read(&a).unwrap() == pseudo_random(SIZE as usize, 1));
@@ -116,18 +126,24 @@ async fn another_disk_is_turned_away_after_authentication() {
     let b = disk_file(&dir.path().join("b.img"), SIZE, 3);
 
     let (received, sent) = pass(&a, &small, (&key, &key), disk_id(&a, SIZE)).await;
-    let Err(FailbackError::Refused(why)) = sent else {
+    let Err(FailbackError::Session(SessionError::Refused { message: why, .. })) = sent else {
         panic!("{sent:?}")
     };
     assert!(why.contains("the sender's disk is"), "{why}");
-    assert!(matches!(received, Err(FailbackError::TurnedAway(_))));
+    assert!(matches!(
+        received,
+        Err(FailbackError::Session(SessionError::TurnedAway { .. }))
+    ));
 
     let (received, sent) = pass(&a, &b, (&key, &key), disk_id(&b, SIZE)).await;
-    let Err(FailbackError::Refused(why)) = sent else {
+    let Err(FailbackError::Session(SessionError::Refused { message: why, .. })) = sent else {
         panic!("{sent:?}")
     };
     assert!(why.contains("the sender fails back disk"), "{why}");
-    assert!(matches!(received, Err(FailbackError::TurnedAway(_))));
+    assert!(matches!(
+        received,
+        Err(FailbackError::Session(SessionError::TurnedAway { .. }))
+    ));
     assert!(std::fs::read(&a).unwrap() == pseudo_random(SIZE as usize, 1));
 }
 

@@ -8,7 +8,7 @@ use proptest::prelude::*;
 use super::builder::ImageBuilder;
 use super::chain::PointImage;
 use super::image::{Layer, BLOCK};
-use crate::format::longterm::{ImageHeader, ImageKind, PointStamp, BLOCK_SIZE};
+use crate::format::longterm::PointStamp;
 
 /// 16 blocks and a bit: the last block is partial.
 const DISK: u64 = 16 * BLOCK + 1000;

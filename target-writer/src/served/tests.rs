@@ -9,7 +9,7 @@ use filter::device::{BlockDevice, Extent as Status, ZeroMode};
 use pipeline::batch::{Batch, Extent};
 
 use super::*;
-use crate::format::longterm::{ImageHeader, ImageKind, PointStamp};
+use crate::format::longterm::PointStamp;
 use crate::longterm::{ImageBuilder, Layer};
 
 /// 65 chunks of the layers' table, the last one partial, and the last block
