@@ -64,12 +64,7 @@ fn ext4_over_protect_every_point_is_a_clean_file_system() {
         round += 1;
     }
     verify_files(&mount_dir, &files);
-    mount.unmount();
-    run(Command::new("blockdev")
-        .arg("--flushbufs")
-        .arg(&device.path));
-    device.detach();
-    fuse.unmount();
+    take_down(mount, device, fuse);
     repl.stop_protect();
 
     let points = points(&repl.journal);

@@ -372,12 +372,7 @@ fn ext4_from_a_served_point_checks_clean_and_mounts_read_only() {
     files.extend(write_files(&mount_dir, 24, 24, 256 << 10));
     run(Command::new("sync").arg("-f").arg(&mount_dir));
     verify_files(&mount_dir, &files);
-    mount.unmount();
-    run(Command::new("blockdev")
-        .arg("--flushbufs")
-        .arg(&device.path));
-    device.detach();
-    fuse.unmount();
+    take_down(mount, device, fuse);
     repl.stop_protect();
     let Replication {
         key,

@@ -72,12 +72,7 @@ fn a_frozen_ext4_point_is_clean_without_journal_replay_and_holds_every_file() {
     }
     run(Command::new("sync").arg("-f").arg(&mount_dir));
     verify_files(&mount_dir, &files);
-    mount.unmount();
-    run(Command::new("blockdev")
-        .arg("--flushbufs")
-        .arg(&device.path));
-    device.detach();
-    fuse.unmount();
+    take_down(mount, device, fuse);
     repl.stop_protect();
 
     let points = points(&repl.journal);

@@ -95,13 +95,9 @@ impl ProtectedDisk {
         Ok(())
     }
 
-    /// Inserts an application-consistent point: flushes the backing disk
-    /// (fdatasync, as an NBD FLUSH does), then captures a
-    /// [`RecordKind::Tag`] barrier carrying `tag`, and returns its sequence
-    /// number. Every change acknowledged before the call is durable on the
-    /// backing disk and has a lower sequence number (capture rule 2:
-    /// numbers are taken at push time, after those changes' pushes).
-    pub async fn tagged_barrier(&self, tag: &Tag) -> Result<u64, DeviceError> {
+    /// fdatasync of the backing disk: every change completed before the call
+    /// is durable.
+    async fn flush_backing(&self) -> Result<(), DeviceError> {
         self.backing
             .flush()
             .await
@@ -110,7 +106,17 @@ impl ProtectedDisk {
                 offset: 0,
                 len: 0,
                 source,
-            })?;
+            })
+    }
+
+    /// Inserts an application-consistent point: flushes the backing disk
+    /// (fdatasync, as an NBD FLUSH does), then captures a
+    /// [`RecordKind::Tag`] barrier carrying `tag`, and returns its sequence
+    /// number. Every change acknowledged before the call is durable on the
+    /// backing disk and has a lower sequence number (capture rule 2:
+    /// numbers are taken at push time, after those changes' pushes).
+    pub async fn tagged_barrier(&self, tag: &Tag) -> Result<u64, DeviceError> {
+        self.flush_backing().await?;
         let name = Bytes::copy_from_slice(tag.as_str().as_bytes());
         self.capture
             .send(RecordKind::Tag, false, 0, 0, name)
@@ -226,15 +232,7 @@ impl BlockDevice for ProtectedDisk {
     }
 
     async fn flush(&self) -> Result<(), DeviceError> {
-        self.backing
-            .flush()
-            .await
-            .map_err(|source| DeviceError::Io {
-                op: "flush",
-                offset: 0,
-                len: 0,
-                source,
-            })?;
+        self.flush_backing().await?;
         self.capture(RecordKind::Flush, false, 0, 0, Bytes::new())
             .await
     }

@@ -720,6 +720,17 @@ print("done " + " ".join(f"{k}={v}" for k, v in counts.items()), flush=True)
 // A disk for a file system: protect serving it on a Unix socket
 // ---------------------------------------------------------------------------
 
+/// Unmounts, flushes the loop device's buffers, detaches it and unmounts
+/// nbdfuse: everything written through them has reached the export.
+pub fn take_down(mount: Mount, device: LoopDevice, fuse: FuseMount) {
+    mount.unmount();
+    run(Command::new("blockdev")
+        .arg("--flushbufs")
+        .arg(&device.path));
+    device.detach();
+    fuse.unmount();
+}
+
 /// Size of [`OnSocket`]'s disk.
 pub const FS_DISK: u64 = 64 * MIB;
 
