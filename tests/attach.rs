@@ -278,14 +278,7 @@ fn attach_write_read_detach() {
         counts.writes > 0 && counts.trims > 0 && counts.flushes > 0,
         "the capture should hold writes, the discard and flushes: {counts:?}"
     );
-    let replayed = dir.path().join("replayed.img");
-    run(cdp()
-        .arg("replay")
-        .arg("--capture-log")
-        .arg(&capture)
-        .arg("--onto")
-        .arg(&replayed));
-    assert_same_bytes(&disk, &replayed);
+    assert_replays_to(&capture, &disk, dir.path());
 }
 
 /// An export nobody serves: attach.sh refuses, says why, and makes nothing.

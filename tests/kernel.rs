@@ -257,14 +257,7 @@ fn the_kernel_nbd_client_attaches_protected_disks() {
         counts.writes > 0 && counts.trims > 0 && counts.flushes > 0,
         "the kernel's writes, discard and flushes should all be captured: {counts:?}"
     );
-    let replayed = dir.path().join("replayed.img");
-    run(cdp()
-        .arg("replay")
-        .arg("--capture-log")
-        .arg(&capture)
-        .arg("--onto")
-        .arg(&replayed));
-    assert_same_bytes(&disk, &replayed);
+    assert_replays_to(&capture, &disk, dir.path());
 
     // The protected disk, its two connections, and its newest restore point.
     repl.stop_protect();

@@ -17,15 +17,8 @@ pub struct DiskArgs {
     /// The backing disk: a regular file or a block device.
     #[arg(long)]
     disk: PathBuf,
-    /// TCP address to listen on [default: 127.0.0.1:10809, unless --socket is given].
-    #[arg(long)]
-    listen: Option<SocketAddr>,
-    /// Unix socket to listen on.
-    #[arg(long)]
-    socket: Option<PathBuf>,
-    /// Export name (clients may also use the empty, default name).
-    #[arg(long, default_value = "cdp")]
-    export: String,
+    #[command(flatten)]
+    serve: ListenArgs,
     /// Refuse writes (EPERM).
     #[arg(long)]
     read_only: bool,
@@ -44,6 +37,33 @@ pub struct DiskArgs {
     ring_mib: usize,
 }
 
+/// Where an NBD export listens and what it is called; shared by every
+/// command that serves one (`filter`, `protect`, `serve-point`).
+#[derive(clap::Args, Debug)]
+pub struct ListenArgs {
+    /// TCP address to listen on [default: 127.0.0.1:10809, unless --socket is given].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Unix socket to listen on.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Export name (clients may also use the empty, default name).
+    #[arg(long, default_value = "cdp")]
+    pub export: String,
+}
+
+impl ListenArgs {
+    /// The addresses to listen on: those given, or 127.0.0.1:10809.
+    pub fn addresses(&self) -> Vec<ListenAddr> {
+        let mut listen: Vec<ListenAddr> = self.listen.into_iter().map(ListenAddr::Tcp).collect();
+        listen.extend(self.socket.clone().map(ListenAddr::Unix));
+        if listen.is_empty() {
+            listen.push(ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 10809))));
+        }
+        listen
+    }
+}
+
 #[derive(ValueEnum, Clone, Copy, Debug)]
 enum Engine {
     Uring,
@@ -52,20 +72,11 @@ enum Engine {
 
 impl DiskArgs {
     pub fn into_config(self, capture_log: Option<PathBuf>) -> FilterConfig {
-        let mut listen = Vec::new();
-        if let Some(addr) = self.listen {
-            listen.push(ListenAddr::Tcp(addr));
-        }
-        if let Some(path) = self.socket {
-            listen.push(ListenAddr::Unix(path));
-        }
-        if listen.is_empty() {
-            listen.push(ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 10809))));
-        }
+        let listen = self.serve.addresses();
         FilterConfig {
             export: ExportConfig {
                 description: format!("cdp protected disk {}", self.disk.display()),
-                name: self.export,
+                name: self.serve.export,
                 read_only: self.read_only,
             },
             disk: self.disk,

@@ -2,7 +2,6 @@
 //! place through its layers (instant recovery); `--writable` keeps changes
 //! in a scratch overlay thrown away on exit (test failover).
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -10,7 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 use filter::nbd::{Export, ExportConfig};
-use filter::server::{self, ListenAddr, Listener};
+use filter::server::{self, Listener};
 use pipeline::key::Key;
 use target_writer::format::longterm::LONGTERM_DIR;
 use target_writer::history::{Check, History};
@@ -18,6 +17,7 @@ use target_writer::journal::JOURNAL_DIR;
 use target_writer::restore::format_time;
 use target_writer::served::{check_key, ServeOptions, ServedPoint};
 
+use super::filter::ListenArgs;
 use super::points::parse_at;
 
 #[derive(clap::Args, Debug)]
@@ -32,15 +32,8 @@ pub struct ServePointArgs {
     /// The key file the data was replicated with.
     #[arg(long)]
     key: PathBuf,
-    /// TCP address to listen on [default: 127.0.0.1:10809, unless --socket is given].
-    #[arg(long)]
-    listen: Option<SocketAddr>,
-    /// Unix socket to listen on.
-    #[arg(long)]
-    socket: Option<PathBuf>,
-    /// Export name (clients may also use the empty, default name).
-    #[arg(long, default_value = "cdp")]
-    export: String,
+    #[command(flatten)]
+    serve: ListenArgs,
     /// Accept writes into a scratch overlay that is thrown away on exit (the
     /// target's directory is never written).
     #[arg(long)]
@@ -92,7 +85,7 @@ pub fn serve_point(args: ServePointArgs) -> Result<()> {
     );
     let export = Arc::new(Export {
         config: ExportConfig {
-            name: args.export,
+            name: args.serve.export.clone(),
             description: format!(
                 "cdp restore point {} ({}) of {}",
                 point.id,
@@ -103,7 +96,7 @@ pub fn serve_point(args: ServePointArgs) -> Result<()> {
         },
         device,
     });
-    let listen = listen_addrs(args.listen, args.socket);
+    let listen = args.serve.addresses();
     super::run_until_signal(|shutdown| async move {
         let mut listeners = Vec::new();
         for addr in &listen {
@@ -138,13 +131,4 @@ fn ensure_target_dir(dir: &Path) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn listen_addrs(tcp: Option<SocketAddr>, socket: Option<PathBuf>) -> Vec<ListenAddr> {
-    let mut listen: Vec<ListenAddr> = tcp.into_iter().map(ListenAddr::Tcp).collect();
-    listen.extend(socket.map(ListenAddr::Unix));
-    if listen.is_empty() {
-        listen.push(ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 10809))));
-    }
-    listen
 }

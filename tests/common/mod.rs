@@ -648,6 +648,19 @@ pub fn first_difference(x: &[u8], y: &[u8]) -> Option<usize> {
 }
 
 /// Asserts two files or devices hold the same bytes, naming the first difference.
+/// `cdp replay` of the capture log at `capture` onto a new image in `dir`
+/// must give `disk` byte for byte.
+pub fn assert_replays_to(capture: &Path, disk: &Path, dir: &Path) {
+    let replayed = dir.join("replayed.img");
+    run(cdp()
+        .arg("replay")
+        .arg("--capture-log")
+        .arg(capture)
+        .arg("--onto")
+        .arg(&replayed));
+    assert_same_bytes(disk, &replayed);
+}
+
 pub fn assert_same_bytes(a: &Path, b: &Path) {
     if let Some(difference) = files_differ(a, b) {
         panic!("{difference}");
