@@ -12,6 +12,7 @@
 #   RUNTIME=10            fio runtime per run, seconds (plus a 2 s ramp)
 #   ROUNDS=3              rounds over all workloads and servers
 #   SERVERS="ours nbdkit qemu-nbd"   subset/order of servers to run
+#   ONLY=seqwrite-1m-qd8  run only the workloads whose names contain this
 #   CDP=path              prebuilt cdp binary; unset: cargo build --release
 #   OUT=target/bench/filter.md       where the markdown report is written
 #   KEEP_DISKS=1          keep the 1 GiB disk files under target/bench/disks
@@ -56,6 +57,14 @@ die() {
 
 [[ $RUNTIME =~ ^[1-9][0-9]*$ ]] || die "RUNTIME must be a positive integer (seconds), got '$RUNTIME'"
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer, got '$ROUNDS'"
+if [ -n "${ONLY:-}" ]; then
+  selected=()
+  for w in "${WORKLOADS[@]}"; do
+    [[ ${w%% *} == *"$ONLY"* ]] && selected+=("$w")
+  done
+  [ ${#selected[@]} -gt 0 ] || die "ONLY='$ONLY' matches no workload (${WORKLOADS[*]%% *})"
+  WORKLOADS=("${selected[@]}")
+fi
 read -r -a SERVER_LIST <<<"$SERVERS"
 [ ${#SERVER_LIST[@]} -gt 0 ] || die "SERVERS is empty"
 for s in "${SERVER_LIST[@]}"; do

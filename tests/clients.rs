@@ -998,4 +998,5 @@ loop_device_tests! {
     loop_device_buffered: loop_direct_io = false, filter_args = &[];
     loop_device_direct: loop_direct_io = true, filter_args = &["--direct"];
     loop_device_sync_engine: loop_direct_io = false, filter_args = &["--io-engine", "sync"];
+    loop_device_no_fast_path: loop_direct_io = false, filter_args = &["--no-fast-path"];
 }

@@ -2,8 +2,10 @@
 //! protocol layer validates every request (ranges, flags, read-only) before it
 //! calls a [`BlockDevice`], so implementations only do the I/O.
 
+use std::fs::File;
 use std::future::Future;
 use std::io;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -13,6 +15,16 @@ use bytes::Bytes;
 pub struct Extent {
     pub length: u64,
     pub hole: bool,
+}
+
+/// Bytes a read is answered with straight from a file's page cache: the
+/// protocol layer sends them to the socket with `sendfile(2)`, so they are
+/// never copied through user memory.
+#[derive(Debug, Clone)]
+pub struct FileRange {
+    pub file: Arc<File>,
+    pub offset: u64,
+    pub len: usize,
 }
 
 /// Block-size constraints advertised through NBD_INFO_BLOCK_SIZE.
@@ -59,6 +71,14 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// run it in the connection's own task instead of a task of its own.
     fn write_is_quick(&self, _offset: u64, _len: u64, _fua: bool) -> bool {
         false
+    }
+
+    /// The file range a read of `len` bytes at `offset` can be sent from
+    /// without waiting on a device (every page is in the page cache); `None`
+    /// sends it through [`BlockDevice::read`]. The bytes are those of the file
+    /// when the reply is sent, which is still within the read's lifetime.
+    fn cached_range(&self, _offset: u64, _len: u32) -> Option<FileRange> {
+        None
     }
 
     fn read(

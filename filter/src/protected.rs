@@ -10,7 +10,7 @@ use bytes::Bytes;
 
 use crate::backing::Backing;
 use crate::capture::{CaptureSender, RecordKind, Tag};
-use crate::device::{BlockDevice, BlockSizes, DeviceError, Extent, ZeroMode};
+use crate::device::{BlockDevice, BlockSizes, DeviceError, Extent, FileRange, ZeroMode};
 use crate::range_lock::RangeLock;
 
 /// Largest read or write payload we accept (the protocol's recommended floor
@@ -200,6 +200,10 @@ impl BlockDevice for ProtectedDisk {
 
     fn write_is_quick(&self, offset: u64, len: u64, fua: bool) -> bool {
         self.backing.writes_via_fast_path(offset, len, fua)
+    }
+
+    fn cached_range(&self, offset: u64, len: u32) -> Option<FileRange> {
+        self.backing.cached_range(offset, len as usize)
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, DeviceError> {

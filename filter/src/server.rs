@@ -119,10 +119,36 @@ impl Listener {
             Listener::Tcp(l) => {
                 let (stream, peer) = l.accept().await?;
                 stream.set_nodelay(true)?;
+                if peer.ip().is_loopback() {
+                    unpaced(&stream);
+                }
                 Ok(Connection::Tcp(stream, peer))
             }
             Listener::Unix(l, _) => Ok(Connection::Unix(l.accept().await?.0)),
         }
+    }
+}
+
+/// Congestion control without pacing, for a peer on this host: there is no
+/// path to measure or queue to keep short on loopback, and BBR (the default
+/// on many distributions) paces every segment with a timer of its own, which
+/// costs a hypervisor exit per reply on a virtual machine. Reno is open to
+/// unprivileged processes; where it is refused the default stays.
+fn unpaced(stream: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    const RENO: &[u8] = b"reno";
+    // SAFETY: setsockopt reads RENO.len() bytes of a static string.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            RENO.as_ptr().cast(),
+            RENO.len() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(error = %io::Error::last_os_error(), "keeping the default congestion control");
     }
 }
 

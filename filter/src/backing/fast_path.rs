@@ -7,9 +7,12 @@
 //! several thread wake-ups, and on our 2-core machines that cut 4 KiB random
 //! writes to about two thirds of what nbdkit does (`docs/BENCHMARKS.md`). So:
 //!
-//! - a read is first tried with `preadv2(RWF_NOWAIT)` on the calling thread,
-//!   which never blocks: it succeeds only if every byte is in the page cache;
-//!   anything else goes to the engine;
+//! - a read whose pages are all in the page cache (`cachestat(2)`) is not
+//!   read at all: the protocol layer sends it from the file with
+//!   `sendfile(2)`, which saves a copy through user memory;
+//! - other reads are first tried with `preadv2(RWF_NOWAIT)` on the calling
+//!   thread, which never blocks: it succeeds only if every byte is in the
+//!   page cache; anything else goes to the engine;
 //! - a write that covers whole pages and needs no durability is done with
 //!   `pwrite` on the calling thread: it needs no read of the old page, so it
 //!   waits only where the kernel throttles writers with too much dirty data,
@@ -29,6 +32,27 @@ use std::sync::Arc;
 /// Page granularity of the write fast path.
 const PAGE: u64 = 4096;
 
+/// `cachestat(2)` (Linux 6.5), not yet in the libc crate for every target;
+/// new system calls have one number on every architecture.
+const SYS_CACHESTAT: libc::c_long = 451;
+
+#[repr(C)]
+struct CachestatRange {
+    offset: u64,
+    len: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct Cachestat {
+    /// Pages of the range in the page cache.
+    nr_cache: u64,
+    nr_dirty: u64,
+    nr_writeback: u64,
+    nr_evicted: u64,
+    nr_recently_evicted: u64,
+}
+
 #[derive(Debug)]
 pub struct FastPath {
     file: Arc<File>,
@@ -36,6 +60,9 @@ pub struct FastPath {
     /// Relaxed: it only ever goes from true to false, and a stale `true`
     /// costs one more refused attempt.
     nowait_reads: AtomicBool,
+    /// Cleared for good once the kernel refuses `cachestat(2)`; relaxed, as
+    /// `nowait_reads`.
+    cachestat: AtomicBool,
     writes: tokio::sync::Mutex<()>,
 }
 
@@ -44,6 +71,7 @@ impl FastPath {
         FastPath {
             file,
             nowait_reads: AtomicBool::new(true),
+            cachestat: AtomicBool::new(true),
             writes: tokio::sync::Mutex::new(()),
         }
     }
@@ -79,6 +107,38 @@ impl FastPath {
         n as usize == buf.len()
     }
 
+    /// Whether every page of `[offset, offset + len)` is in the page cache,
+    /// so that sending the range from the file does not wait on the device.
+    /// A page evicted right after the check is read back in by whoever
+    /// sends it: rare, and only slower.
+    pub fn is_cached(&self, offset: u64, len: u64) -> bool {
+        if len == 0 || !self.cachestat.load(Ordering::Relaxed) {
+            return false;
+        }
+        let range = CachestatRange { offset, len };
+        let mut stat = Cachestat::default();
+        // SAFETY: both pointers refer to live, properly laid out structs that
+        // the kernel only accesses during this synchronous call.
+        let rc = unsafe {
+            libc::syscall(
+                SYS_CACHESTAT,
+                self.file.as_raw_fd(),
+                &range as *const CachestatRange,
+                &mut stat as *mut Cachestat,
+                0,
+            )
+        };
+        if rc != 0 {
+            let err = io::Error::last_os_error();
+            if matches!(err.raw_os_error(), Some(libc::ENOSYS | libc::EOPNOTSUPP)) {
+                self.cachestat.store(false, Ordering::Relaxed);
+            }
+            return false;
+        }
+        let pages = (offset + len).div_ceil(PAGE) - offset / PAGE;
+        stat.nr_cache >= pages
+    }
+
     /// Whether a write of `len` bytes at `offset` belongs on the fast path.
     pub fn takes_write(offset: u64, len: u64, durable: bool) -> bool {
         !durable && len > 0 && offset % PAGE == 0 && len % PAGE == 0
@@ -111,6 +171,26 @@ mod tests {
         let mut direct = vec![0u8; 8192];
         file.read_exact_at(&mut direct, 4096).unwrap();
         assert_eq!(direct, data);
+    }
+
+    #[test]
+    fn cachestat_tells_which_ranges_the_page_cache_holds() {
+        let file = tempfile::tempfile().unwrap();
+        file.write_all_at(&vec![7u8; 1 << 20], 0).unwrap();
+        let fast = FastPath::new(Arc::new(file));
+        assert!(fast.is_cached(0, 1 << 20), "just written");
+        assert!(fast.is_cached(100, 5000), "unaligned range inside");
+        fast.file.sync_all().unwrap();
+        // SAFETY: plain integer arguments; the descriptor is open.
+        let rc =
+            unsafe { libc::posix_fadvise(fast.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(rc, 0);
+        assert!(!fast.is_cached(0, 1 << 20), "clean pages were dropped");
+        let mut page = vec![0u8; 4096];
+        fast.file.read_exact_at(&mut page, 8192).unwrap();
+        assert!(fast.is_cached(8192, 4096), "read back in");
+        assert!(!fast.is_cached(8000, 4096), "the page before is still out");
+        assert!(!fast.is_cached(8192, 0), "nothing to send");
     }
 
     #[test]

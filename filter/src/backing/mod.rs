@@ -26,7 +26,7 @@ use fast_path::FastPath;
 use sync::SyncEngine;
 use uring::UringEngine;
 
-use crate::device::Extent;
+use crate::device::{Extent, FileRange};
 
 /// Which engine performs the backing I/O.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -207,6 +207,17 @@ impl Backing {
     pub fn touched_range(&self, offset: u64, len: u64) -> (u64, u64) {
         let a = self.alignment;
         (offset / a * a, (offset + len).div_ceil(a) * a)
+    }
+
+    /// The file range to send a read from, if the page cache holds all of it
+    /// (buffered I/O with the fast path only).
+    pub fn cached_range(&self, offset: u64, len: usize) -> Option<FileRange> {
+        let fast = self.fast_path.as_ref()?;
+        fast.is_cached(offset, len as u64).then(|| FileRange {
+            file: self.file.clone(),
+            offset,
+            len,
+        })
     }
 
     pub async fn read(&self, offset: u64, len: usize) -> io::Result<Bytes> {

@@ -3,18 +3,20 @@
 //! `nbd` crate was not used; `docs/NBD.md` says why.
 pub mod handshake;
 pub mod inbound;
+pub mod outbound;
 pub mod transmission;
 pub mod wire;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::AsyncRead;
 use tokio_util::sync::CancellationToken;
 
 use crate::device::BlockDevice;
 use handshake::{HandshakeEnd, Session};
 use inbound::Inbound;
+use outbound::ReplySink;
 use transmission::TransmissionEnd;
 use wire::*;
 
@@ -97,7 +99,7 @@ pub async fn serve_connection<R, W, D>(
 ) -> ConnectionEnd
 where
     R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin + Send + 'static,
+    W: ReplySink,
     D: BlockDevice,
 {
     let mut inbound = Inbound::new(reader);

@@ -1,28 +1,30 @@
 //! The transmission phase of one connection. A reader loop parses requests
 //! (taking write payloads straight out of the receive buffer) and spawns a
-//! task per request; tasks reply in any order through one writer task, which
-//! batches replies into vectored writes. A budget of in-flight bytes bounds
-//! the memory one connection can pin; a request's share is returned only once
-//! its reply is written.
+//! task per request; tasks reply in any order through one writer task
+//! ([`super::outbound`]). Requests that wait on no device are done in the
+//! reader loop itself: a write into the page cache, and a read the page cache
+//! holds, which is answered with the file range to send. A budget of
+//! in-flight bytes bounds the memory one connection can pin; a request's
+//! share is returned only once its reply is written.
 //!
 //! A malformed request that still lets us find the next one gets an error
 //! reply; one that does not (wrong magic, a write payload we cannot buffer)
 //! ends this connection only, after the requests already in flight are done.
 
-use std::collections::VecDeque;
-use std::io::{self, IoSlice};
+use std::io;
 use std::sync::Arc;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::io::AsyncRead;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::handshake::Session;
 use super::inbound::Inbound;
+use super::outbound::{write_replies, Reply, ReplyData, ReplySink};
 use super::wire::*;
-use super::{grace_after, Export};
-use crate::device::{BlockDevice, DeviceError, ZeroMode};
+use super::Export;
+use crate::device::{BlockDevice, DeviceError, FileRange, ZeroMode};
 
 /// Bytes of payload (reads and writes) one connection may have in flight.
 const INFLIGHT_BUDGET: u32 = 256 << 20;
@@ -46,13 +48,6 @@ pub enum TransmissionEnd {
     Io(#[from] io::Error),
 }
 
-/// One reply, ready to send; the permit returns its budget once sent.
-struct Reply {
-    head: Bytes,
-    data: Bytes,
-    _budget: OwnedSemaphorePermit,
-}
-
 /// Serves requests until the client disconnects, breaks the protocol, or the
 /// server shuts down. Requests in flight are always finished and answered.
 pub async fn serve<R, W, D>(
@@ -64,7 +59,7 @@ pub async fn serve<R, W, D>(
 ) -> TransmissionEnd
 where
     R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin + Send + 'static,
+    W: ReplySink,
     D: BlockDevice,
 {
     let (replies, queue) = mpsc::unbounded_channel();
@@ -114,8 +109,17 @@ where
         let Ok(permit) = budget.clone().acquire_many_owned(cost).await else {
             unreachable!("the budget semaphore is never closed");
         };
-        // A write that waits on no device (a page-cache copy) costs less than
-        // a task and a cross-thread wake-up: do it right here, in order.
+        // A request that waits on no device costs less than a task and a
+        // cross-thread wake-up: do it right here, in order.
+        if let Some(range) = cached_read(&export, session, &request) {
+            let (head, data) = encode_reply(session, &request, Ok(Done::File(range)));
+            let _ = replies.send(Reply {
+                head,
+                data,
+                budget: permit,
+            });
+            continue;
+        }
         if request.command == CMD_WRITE
             && export.device.write_is_quick(
                 request.offset,
@@ -127,7 +131,7 @@ where
             let _ = replies.send(Reply {
                 head,
                 data,
-                _budget: permit,
+                budget: permit,
             });
             continue;
         }
@@ -139,7 +143,7 @@ where
             let _ = replies.send(Reply {
                 head,
                 data,
-                _budget: permit,
+                budget: permit,
             });
         });
     };
@@ -152,71 +156,21 @@ where
     end
 }
 
-/// Writes replies as they come, several per system call. Once the server is
-/// shutting down, a client that accepts no reply bytes for
-/// [`super::SHUTDOWN_GRACE`] is given up on (its requests still complete).
-async fn write_replies<W: AsyncWrite + Unpin>(
-    mut out: W,
-    mut queue: mpsc::UnboundedReceiver<Reply>,
-    shutdown: CancellationToken,
-) -> io::Result<()> {
-    const BATCH: usize = 64;
-    let mut sent = Vec::with_capacity(BATCH);
-    let mut bufs = VecDeque::with_capacity(2 * BATCH);
-    while let Some(first) = queue.recv().await {
-        sent.push(first);
-        while sent.len() < BATCH {
-            match queue.try_recv() {
-                Ok(reply) => sent.push(reply),
-                Err(_) => break,
-            }
-        }
-        for reply in &sent {
-            bufs.push_back(reply.head.clone());
-            if !reply.data.is_empty() {
-                bufs.push_back(reply.data.clone());
-            }
-        }
-        write_all_vectored(&mut out, &mut bufs, &shutdown).await?;
-        sent.clear();
-    }
-    out.shutdown().await
-}
-
-async fn write_all_vectored<W: AsyncWrite + Unpin>(
-    out: &mut W,
-    bufs: &mut VecDeque<Bytes>,
-    shutdown: &CancellationToken,
-) -> io::Result<()> {
-    while !bufs.is_empty() {
-        let slices: Vec<IoSlice<'_>> = bufs.iter().take(256).map(|b| IoSlice::new(b)).collect();
-        let mut written = tokio::select! {
-            written = out.write_vectored(&slices) => written?,
-            () = grace_after(shutdown) => {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "client accepts no replies during shutdown"));
-            }
-        };
-        if written == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        while written > 0 {
-            let front = bufs
-                .front_mut()
-                .expect("written bytes come from queued buffers");
-            if written >= front.len() {
-                written -= front.len();
-                bufs.pop_front();
-            } else {
-                front.advance(written);
-                written = 0;
-            }
-        }
-    }
-    Ok(())
-}
-
 /// A request refused before it reaches the device.
 type Refusal = (NbdError, String);
+
+/// The file range that answers `request` if it is a valid read of bytes the
+/// page cache holds.
+fn cached_read<D: BlockDevice>(
+    export: &Export<D>,
+    session: Session,
+    request: &RequestHeader,
+) -> Option<FileRange> {
+    if request.command != CMD_READ || validate(export, session, request).is_err() {
+        return None;
+    }
+    export.device.cached_range(request.offset, request.length)
+}
 
 /// Performs one request and encodes its reply (header, and data if any).
 async fn handle<D: BlockDevice>(
@@ -224,7 +178,7 @@ async fn handle<D: BlockDevice>(
     session: Session,
     request: RequestHeader,
     payload: Bytes,
-) -> (Bytes, Bytes) {
+) -> (Bytes, ReplyData) {
     let outcome = match validate(export, session, &request) {
         Err(refusal) => Err(refusal),
         Ok(()) => perform(&export.device, request, payload)
@@ -313,7 +267,19 @@ fn validate<D: BlockDevice>(
 enum Done {
     Nothing,
     Data(Bytes),
+    File(FileRange),
     Extents(Bytes),
+}
+
+impl Done {
+    /// What follows the reply's header.
+    fn into_data(self) -> ReplyData {
+        match self {
+            Done::Nothing => ReplyData::Bytes(Bytes::new()),
+            Done::Data(bytes) | Done::Extents(bytes) => ReplyData::Bytes(bytes),
+            Done::File(range) => ReplyData::File(range),
+        }
+    }
 }
 
 async fn perform<D: BlockDevice>(
@@ -381,54 +347,51 @@ fn encode_reply(
     session: Session,
     request: &RequestHeader,
     outcome: Result<Done, Refusal>,
-) -> (Bytes, Bytes) {
+) -> (Bytes, ReplyData) {
     let mut head = BytesMut::with_capacity(64);
     let handle = request.handle;
+    let nothing = || ReplyData::Bytes(Bytes::new());
     if !session.structured_replies {
-        return match outcome {
-            Ok(Done::Data(data)) => {
-                put_simple_reply(&mut head, 0, handle);
-                (head.freeze(), data)
-            }
-            Ok(_) => {
-                put_simple_reply(&mut head, 0, handle);
-                (head.freeze(), Bytes::new())
-            }
-            Err((error, _)) => {
-                put_simple_reply(&mut head, error as u32, handle);
-                (head.freeze(), Bytes::new())
-            }
+        let (error, data) = match outcome {
+            Ok(done) => (0, done.into_data()),
+            Err((error, _)) => (error as u32, nothing()),
         };
+        put_simple_reply(&mut head, error, handle);
+        return (head.freeze(), data);
     }
-    match outcome {
-        Ok(Done::Data(data)) => {
+    let data = match outcome {
+        Ok(done @ (Done::Data(_) | Done::File(_))) => {
+            let data = done.into_data();
+            let length = 8 + data.len() as u32;
             put_chunk_header(
                 &mut head,
                 REPLY_FLAG_DONE,
                 REPLY_TYPE_OFFSET_DATA,
                 handle,
-                8 + data.len() as u32,
+                length,
             );
             head.put_u64(request.offset);
-            (head.freeze(), data)
+            data
         }
         Ok(Done::Extents(payload)) => {
+            let length = payload.len() as u32;
             put_chunk_header(
                 &mut head,
                 REPLY_FLAG_DONE,
                 REPLY_TYPE_BLOCK_STATUS,
                 handle,
-                payload.len() as u32,
+                length,
             );
-            (head.freeze(), payload)
+            ReplyData::Bytes(payload)
         }
         Ok(Done::Nothing) => {
             put_chunk_header(&mut head, REPLY_FLAG_DONE, REPLY_TYPE_NONE, handle, 0);
-            (head.freeze(), Bytes::new())
+            nothing()
         }
         Err((error, message)) => {
             put_error_chunk(&mut head, handle, error, &message);
-            (head.freeze(), Bytes::new())
+            nothing()
         }
-    }
+    };
+    (head.freeze(), data)
 }
