@@ -111,40 +111,34 @@ where
         };
         // A request that waits on no device costs less than a task and a
         // cross-thread wake-up: do it right here, in order.
-        if let Some(range) = cached_read(&export, session, &request) {
-            let (head, data) = encode_reply(session, &request, Ok(Done::File(range)));
-            let _ = replies.send(Reply {
-                head,
-                data,
-                budget: permit,
-            });
-            continue;
-        }
-        if request.command == CMD_WRITE
+        let quick_write = request.command == CMD_WRITE
             && export.device.write_is_quick(
                 request.offset,
                 u64::from(request.length),
                 request.flags & CMD_FLAG_FUA != 0,
-            )
-        {
-            let (head, data) = handle(&export, session, request, payload).await;
-            let _ = replies.send(Reply {
-                head,
-                data,
-                budget: permit,
+            );
+        let (head, data) = if let Some(range) = cached_read(&export, session, &request) {
+            encode_reply(session, &request, Ok(Done::File(range)))
+        } else if quick_write {
+            handle(&export, session, request, payload).await
+        } else {
+            let export = export.clone();
+            let replies = replies.clone();
+            tokio::spawn(async move {
+                let (head, data) = handle(&export, session, request, payload).await;
+                // A send fails only if the writer is gone (client hung up).
+                let _ = replies.send(Reply {
+                    head,
+                    data,
+                    budget: permit,
+                });
             });
             continue;
-        }
-        let export = export.clone();
-        let replies = replies.clone();
-        tokio::spawn(async move {
-            let (head, data) = handle(&export, session, request, payload).await;
-            // A send fails only if the writer is gone (client hung up).
-            let _ = replies.send(Reply {
-                head,
-                data,
-                budget: permit,
-            });
+        };
+        let _ = replies.send(Reply {
+            head,
+            data,
+            budget: permit,
         });
     };
     // Tasks still running hold clones of `replies`; the writer drains them
