@@ -302,65 +302,72 @@ mod tests {
         assert_eq!(reader.await.unwrap(), pattern(4096));
     }
 
+    /// Forty replies of every kind, and the bytes they make on the wire.
+    fn mixed_replies(data: &[u8], file: &Arc<File>) -> (Vec<Reply>, Vec<u8>) {
+        let budget = Arc::new(Semaphore::new(64));
+        let mut replies = Vec::new();
+        let mut expected = Vec::new();
+        for i in 0..40usize {
+            let head = Bytes::from(format!("<{i}>"));
+            expected.extend_from_slice(&head);
+            let data = match i % 3 {
+                0 => ReplyData::Bytes(Bytes::new()),
+                1 => ReplyData::Bytes(Bytes::from(vec![i as u8; 100 + i])),
+                _ => {
+                    let (offset, len) = (i * 9999, 20000 + i);
+                    expected.extend_from_slice(&data[offset..offset + len]);
+                    let range = FileRange {
+                        file: file.clone(),
+                        offset: offset as u64,
+                        len,
+                    };
+                    ReplyData::File(range)
+                }
+            };
+            if let ReplyData::Bytes(bytes) = &data {
+                expected.extend_from_slice(bytes);
+            }
+            let budget = budget.clone().try_acquire_owned().unwrap();
+            replies.push(Reply { head, data, budget });
+        }
+        (replies, expected)
+    }
+
+    /// What `peer` receives when the writer task sends `replies` to `out`.
+    async fn sent_through(
+        out: impl ReplySink,
+        peer: impl AsyncRead + Unpin + Send + 'static,
+        replies: Vec<Reply>,
+    ) -> Vec<u8> {
+        let reader = read_all_later(peer);
+        let (queue, received) = mpsc::unbounded_channel();
+        for reply in replies {
+            queue.send(reply).unwrap();
+        }
+        drop(queue);
+        write_replies(out, received, CancellationToken::new())
+            .await
+            .unwrap();
+        reader.await.unwrap()
+    }
+
     /// Replies of every kind, over TCP (corked) and a Unix socket, arrive
     /// in the order they were queued.
     #[tokio::test]
     async fn replies_mixing_bytes_and_file_ranges_keep_their_order() {
         let data = pattern(1 << 20);
         let file = file_with(&data);
-        let budget = Arc::new(Semaphore::new(64));
-        let data_at = |range: &FileRange| {
-            data[range.offset as usize..range.offset as usize + range.len].to_vec()
-        };
-        let replies = |queue: &mpsc::UnboundedSender<Reply>| {
-            let mut expected = Vec::new();
-            for i in 0..40usize {
-                let head = Bytes::from(format!("<{i}>"));
-                expected.extend_from_slice(&head);
-                let data = match i % 3 {
-                    0 => ReplyData::Bytes(Bytes::new()),
-                    1 => ReplyData::Bytes(Bytes::from(vec![i as u8; 100 + i])),
-                    _ => ReplyData::File(FileRange {
-                        file: file.clone(),
-                        offset: (i * 9999) as u64,
-                        len: 20000 + i,
-                    }),
-                };
-                match &data {
-                    ReplyData::Bytes(bytes) => expected.extend_from_slice(bytes),
-                    ReplyData::File(range) => expected.extend_from_slice(&data_at(range)),
-                }
-                let budget = budget.clone().try_acquire_owned().unwrap();
-                queue.send(Reply { head, data, budget }).unwrap();
-            }
-            expected
-        };
 
+        let (replies, expected) = mixed_replies(&data, &file);
         let (client, server) = tcp_pair().await;
-        let reader = read_all_later(client);
-        let (queue, received) = mpsc::unbounded_channel();
-        let expected = replies(&queue);
-        drop(queue);
-        let (_, out) = server.into_split();
-        write_replies(out, received, CancellationToken::new())
-            .await
-            .unwrap();
-        assert!(
-            reader.await.unwrap() == expected,
-            "TCP: replies out of order or damaged"
-        );
+        let got = sent_through(server.into_split().1, client, replies).await;
+        assert!(got == expected, "TCP: replies out of order or damaged");
 
+        let (replies, expected) = mixed_replies(&data, &file);
         let (client, server) = UnixStream::pair().unwrap();
-        let reader = read_all_later(client);
-        let (queue, received) = mpsc::unbounded_channel();
-        let expected = replies(&queue);
-        drop(queue);
-        let (_, out) = server.into_split();
-        write_replies(out, received, CancellationToken::new())
-            .await
-            .unwrap();
+        let got = sent_through(server.into_split().1, client, replies).await;
         assert!(
-            reader.await.unwrap() == expected,
+            got == expected,
             "Unix socket: replies out of order or damaged"
         );
     }
