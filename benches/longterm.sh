@@ -121,14 +121,7 @@ ingest() {
   target "$dir" target "$@"
   protect "$dir"
   local samples=$dir/ages
-  : >"$samples"
-  ( while kill -0 "$protect_pid" 2>/dev/null; do
-      "$cdp" points --dir "$dir/target" --json 2>/dev/null | python3 -c "
-import json,sys,time
-p=json.load(sys.stdin)['points']
-if p: print((time.time_ns() - p[-1]['time_ns']) / 1e9)" >>"$samples" || true
-      sleep 0.1
-    done ) &
+  benches/sample_rpo.sh "$cdp" "$dir/target" "$protect_pid" "$samples" &
   local sampler=$!
   fio --name=w --ioengine=nbd --uri="$uri" --rw=randwrite --bs=64k --iodepth=16 --size="${DISK_SIZE_MIB}M" \
     --time_based --runtime="$RUNTIME" --refill_buffers --buffer_compress_percentage=50 \

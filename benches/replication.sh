@@ -67,14 +67,7 @@ for rate in $RATES; do
   echo "[replication-bench] RPO at ${rate} MB/s" >&2
   start "rate$rate"
   samples=$dir/ages
-  : >"$samples"
-  ( while kill -0 "$protect_pid" 2>/dev/null; do
-      "$cdp" points --dir "$dir/target" --json 2>/dev/null | python3 -c "
-import json,sys,time
-p=json.load(sys.stdin)['points']
-if p: print((time.time_ns() - p[-1]['time_ns']) / 1e9)" >>"$samples" || true
-      sleep 0.1
-    done ) &
+  benches/sample_rpo.sh "$cdp" "$dir/target" "$protect_pid" "$samples" &
   sampler=$!
   fio_write --rate="${rate}m" >/dev/null
   kill -TERM "$protect_pid"; wait "$protect_pid"
