@@ -42,13 +42,7 @@ fn restores_from_every_tier_and_through_crashed_merges_are_exact() {
         "only {long_term} long-term points after the workload\n{}",
         repl.logs()
     );
-    let Replication {
-        key,
-        journal: dir_path,
-        target,
-        ..
-    } = repl;
-    target.stop_ok();
+    let (key, dir_path) = repl.stop_target();
     let mut keep = long_term;
     for step in [
         "merge:marked",
@@ -95,13 +89,7 @@ fn restores_from_every_tier_and_through_crashed_merges_are_exact() {
 fn crashes_during_a_roll_keep_every_point_exact() {
     let (repl, dir, pauses) = exactness_with_target(&[22], &[], &["--long-term-every", "1h"]);
     let expected = pause_points(&repl, dir.path(), &pauses);
-    let Replication {
-        key,
-        journal: dir_path,
-        target,
-        ..
-    } = repl;
-    target.stop_ok();
+    let (key, dir_path) = repl.stop_target();
     let args = ["--long-term-every", "1s"];
     for step in ["roll:image-written", "roll:image-in-place", "roll:done"] {
         crash_at(&dir_path, &key, step, &args);

@@ -39,13 +39,7 @@ fn points_of_every_tier_serve_what_restore_and_the_pauses_hold() {
             "256KiB",
         ],
     );
-    let Replication {
-        key,
-        journal: dir,
-        target,
-        ..
-    } = repl;
-    target.stop_ok();
+    let (key, dir) = repl.stop_target();
     let tiers = tiers(&dir);
     let long_term: Vec<u64> = tiers
         .iter()
@@ -374,13 +368,7 @@ fn ext4_from_a_served_point_checks_clean_and_mounts_read_only() {
     verify_files(&mount_dir, &files);
     take_down(mount, device, fuse);
     repl.stop_protect();
-    let Replication {
-        key,
-        journal: dir,
-        target,
-        ..
-    } = repl;
-    target.stop_ok();
+    let (key, dir) = repl.stop_target();
 
     let newest = points(&dir).last().expect("points").id.to_string();
     let served_socket = tmp.path().join("served.sock");

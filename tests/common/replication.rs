@@ -144,6 +144,15 @@ impl Replication {
             }
         }
     }
+
+    /// SIGTERM to the target, which must exit cleanly, once protect has
+    /// stopped; returns the key and the journal directory, which are all a
+    /// test reads from then on.
+    pub fn stop_target(self) -> (PathBuf, PathBuf) {
+        assert!(self.protect.is_none(), "stop protect before the target");
+        self.target.stop_ok();
+        (self.key, self.journal)
+    }
 }
 
 /// `cdp target --listen ADDR --dir JOURNAL --key KEY ARGS...`.

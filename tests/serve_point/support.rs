@@ -169,13 +169,7 @@ pub fn known_history(seed: u64) -> Known {
     // Let the target roll what it holds, then stop it: nothing changes the
     // directory from here on but what a test does.
     std::thread::sleep(Duration::from_millis(1500));
-    let Replication {
-        key,
-        journal: dir,
-        target,
-        ..
-    } = repl;
-    target.stop_ok();
+    let (key, dir) = repl.stop_target();
     let points = points(&dir);
     let newest = points.last().expect("the target holds points").id;
     let image = tmp.path().join("newest.img");
