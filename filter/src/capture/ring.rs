@@ -40,6 +40,14 @@ const CONSUMER_TICK: Duration = Duration::from_millis(2);
 /// Bytes of record data one credit stands for.
 const CREDIT_BYTES: usize = 4096;
 
+/// Record data waiting in the ring that is worth waking the consumer for.
+/// Large writes should not wait for the tick: a payload buffer the consumer
+/// has dropped is handed back by the allocator to the next request while its
+/// cache lines are still warm, and with 2 ms of 1 MiB writes queued the
+/// buffers cycle through more memory than the caches hold (measured: about
+/// 7% of the whole machine's CPU per MiB written, `docs/BENCHMARKS.md`).
+const WAKE_BYTES: usize = 1 << 20;
+
 /// The receiver is gone: nothing can be captured any more.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the capture stream is closed")]
@@ -51,6 +59,8 @@ struct Shared {
     total_credits: usize,
     /// Records waiting that are worth waking the consumer for.
     wake_batch: usize,
+    /// Credits in use (data not yet handed out) worth waking it for.
+    wake_credits: usize,
     /// The next sequence number to hand out. Relaxed: see the module docs.
     next_seq: AtomicU64,
     /// Live [`CaptureSender`]s. AcqRel on decrement so that the last sender's
@@ -62,6 +72,15 @@ struct Shared {
 impl Shared {
     fn cost(&self, data_len: usize) -> usize {
         (1 + data_len.div_ceil(CREDIT_BYTES)).min(self.total_credits)
+    }
+
+    /// Whether the records now in the ring are worth a context switch of
+    /// the consumer: a batch of records, a barrier, or [`WAKE_BYTES`] of
+    /// data (or half the ring, if smaller). Anything less it finds by itself
+    /// within a [`CONSUMER_TICK`].
+    fn worth_waking(&self, barrier: bool) -> bool {
+        let credits_in_use = self.total_credits - self.credits.available_permits();
+        barrier || self.queue.len() >= self.wake_batch || credits_in_use >= self.wake_credits
     }
 }
 
@@ -75,6 +94,7 @@ pub fn capture_ring(budget_bytes: usize, first_seq: u64) -> (CaptureSender, Capt
         credits: Semaphore::new(total_credits),
         total_credits,
         wake_batch: (total_credits / 4).clamp(1, 64),
+        wake_credits: (WAKE_BYTES / CREDIT_BYTES).min(total_credits / 2),
         next_seq: AtomicU64::new(first_seq),
         senders: AtomicUsize::new(1),
         consumer: parker.unparker().clone(),
@@ -125,15 +145,10 @@ impl CaptureSender {
         if self.shared.queue.push(record).is_err() {
             unreachable!("a producer holding credits always finds a free slot");
         }
-        // Waking the consumer for every record would cost a context switch
-        // each; wake it for a batch, a barrier, or a ring half full, and let
-        // it look by itself every CONSUMER_TICK otherwise.
-        let shared = &self.shared;
-        if barrier
-            || shared.queue.len() >= shared.wake_batch
-            || shared.credits.available_permits() < shared.total_credits / 2
-        {
-            shared.consumer.unpark();
+        // Waking the consumer for every small record would cost a context
+        // switch each.
+        if self.shared.worth_waking(barrier) {
+            self.shared.consumer.unpark();
         }
         Ok(seq)
     }
@@ -352,6 +367,33 @@ mod tests {
                 .unwrap();
             assert_eq!(seq, 2);
         });
+    }
+
+    #[test]
+    fn the_consumer_is_woken_for_a_megabyte_a_batch_or_a_barrier() {
+        let (sender, mut receiver) = capture_ring(256 << 20, 0);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let shared = &sender.shared;
+        let write = |len: usize| {
+            let data = Bytes::from(vec![1u8; len]);
+            runtime.block_on(sender.send(RecordKind::Write, false, 0, len as u64, data))
+        };
+        write(64 << 10).unwrap();
+        assert!(!shared.worth_waking(false), "64 KiB waits for the tick");
+        assert!(shared.worth_waking(true), "a barrier is always worth it");
+        write(WAKE_BYTES - (64 << 10)).unwrap();
+        assert!(shared.worth_waking(false), "1 MiB of data is worth it");
+        while receiver.try_recv().is_some() {}
+        assert!(!shared.worth_waking(false), "drained");
+        for _ in 0..shared.wake_batch {
+            write(512).unwrap();
+        }
+        assert!(
+            shared.worth_waking(false),
+            "a batch of small records is worth it"
+        );
     }
 
     #[test]
