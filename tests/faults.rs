@@ -6,8 +6,14 @@
 //! run of entries, every point must restore, and the newest must equal the
 //! source disk byte for byte (`Lab::check_replica`).
 mod common;
+#[path = "faults/journal.rs"]
+mod journal;
+#[path = "faults/proxy.rs"]
+mod proxy;
 #[path = "faults/support.rs"]
 mod support;
+#[path = "faults/workload.rs"]
+mod workload;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -15,7 +21,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use common::*;
+use journal::*;
+use proxy::*;
 use support::*;
+use workload::*;
 
 /// Waits up to `patience` for `log()` to contain `needle`; returns the log.
 fn wait_for_log(lab: &Lab, patience: Duration, needle: &str, log: impl Fn() -> String) -> String {
