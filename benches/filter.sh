@@ -3,9 +3,10 @@
 # qemu-nbd, side by side, with fio's nbd engine.
 #
 # Each server serves its own preallocated 1 GiB file filled with random data.
-# In each round every workload runs against every server in turn (ours,
-# nbdkit, qemu-nbd, then the next workload), so machine noise hits all of them
-# alike; the table reports medians across rounds.
+# In each round every workload runs against every server in turn, so machine
+# noise hits all of them alike; the order rotates from round to round, and
+# every run starts with `sync`, so no server pays for the writeback of the
+# dirty pages its predecessor left. The table reports medians across rounds.
 #
 # Usage: benches/filter.sh
 # Environment:
@@ -126,6 +127,12 @@ cpu_ticks() {
   echo $((f[11] + f[12]))
 }
 
+# Busy clock ticks of the whole machine (user, nice, system, irq, softirq,
+# steal; not idle or iowait), from the first line of /proc/stat.
+machine_ticks() {
+  awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9; exit }' /proc/stat
+}
+
 free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
 }
@@ -223,14 +230,18 @@ total=$((ROUNDS * ${#WORKLOADS[@]} * ${#SERVER_LIST[@]}))
 n=0
 log "running $total fio runs of ${RUNTIME}s (+${RAMP}s ramp) each"
 for round in $(seq 1 "$ROUNDS"); do
+  first=$(((round - 1) % ${#SERVER_LIST[@]}))
+  order=("${SERVER_LIST[@]:first}" "${SERVER_LIST[@]:0:first}")
   for w in "${WORKLOADS[@]}"; do
     read -r wname rw bs iodepth direction metric <<<"$w"
-    for s in "${SERVER_LIST[@]}"; do
+    for s in "${order[@]}"; do
       n=$((n + 1))
       pid=${PID[$s]}
       json=$RAW_DIR/r$round-$wname-$s.json
       is_alive "$pid" || die "$s (pid $pid) is no longer running; log: $LOG_DIR/$s.log"
+      sync
       before=$(cpu_ticks "$pid")
+      machine_before=$(machine_ticks)
       if ! fio --name="$wname" --ioengine=nbd --uri="nbd://127.0.0.1:${PORT[$s]}/" \
         --rw="$rw" --bs="$bs" --iodepth="$iodepth" --numjobs=1 --size=1G --direct=1 \
         --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" --group_reporting \
@@ -241,9 +252,11 @@ server log: $LOG_DIR/$s.log"
       fi
       is_alive "$pid" || die "$s (pid $pid) died during $wname (round $round); log: $LOG_DIR/$s.log"
       after=$(cpu_ticks "$pid")
+      machine_after=$(machine_ticks)
       [ -s "$json.log" ] || rm -f "$json.log"
-      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
-        "$round" "$wname" "$s" "$direction" "$metric" "$json" "$before" "$after" "$CLK_TCK" >>"$MANIFEST"
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+        "$round" "$wname" "$s" "$direction" "$metric" "$json" "$before" "$after" \
+        "$machine_before" "$machine_after" "$CLK_TCK" >>"$MANIFEST"
       log "[$n/$total] round $round $wname $s done"
     done
   done
@@ -262,10 +275,10 @@ report=$RAW_DIR/report.md
   if [ "$want_ours" = 1 ]; then
     echo "- cdp: $CDP ($(git -C "$REPO" describe --always --dirty 2>/dev/null || echo 'no git'))"
   fi
-  echo "- RUNTIME=${RUNTIME}s (+${RAMP}s ramp), ROUNDS=$ROUNDS, servers: ${SERVER_LIST[*]} (run alternately within each round)"
+  echo "- RUNTIME=${RUNTIME}s (+${RAMP}s ramp), ROUNDS=$ROUNDS, servers: ${SERVER_LIST[*]} (run alternately within each round, the order rotating by round, sync before each run)"
   echo "- data: each server serves its own 1 GiB file, preallocated with fallocate and filled from /dev/urandom, so reads hit real data (warm in the page cache); nbdkit file plugin with default cache, qemu-nbd --cache=writeback --aio=threads --shared=8; no flushes requested"
   echo "- fio: ioengine=nbd numjobs=1 size=1G direct=1 time_based; fio and the servers share this machine (no CPU pinning)"
-  echo "- every number is the median across rounds; p50/p99 = fio completion latency (clat); server CPU s = utime+stime of the server process over the whole fio run (connect + ramp + runtime); ratio = ours / max(nbdkit, qemu-nbd) on the workload's throughput metric"
+  echo "- every number is the median across rounds; p50/p99 = fio completion latency (clat); server CPU s = utime+stime of the server process over the whole fio run (connect + ramp + runtime); machine CPU s = busy time of all CPUs over the same span (fio, the server, the kernel's writeback and network work alike); ratio = ours / max(nbdkit, qemu-nbd) on the workload's throughput metric"
   echo "- raw fio JSON: $RAW_DIR"
   echo
   python3 benches/fio_summary.py "$MANIFEST"

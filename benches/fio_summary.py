@@ -5,7 +5,11 @@ Usage: fio_summary.py MANIFEST
 
 MANIFEST is a tab-separated file written by filter.sh, one line per fio run:
 
-    round  workload  server  direction  metric  json_path  cpu_ticks_before  cpu_ticks_after  clk_tck
+    round  workload  server  direction  metric  json_path  cpu_ticks_before  cpu_ticks_after
+    machine_ticks_before  machine_ticks_after  clk_tck
+
+cpu_ticks are the server process's utime+stime; machine_ticks the busy time
+of all CPUs (from /proc/stat), both in clock ticks.
 
 direction is "read" or "write" (which side of the fio JSON holds the numbers),
 metric is "iops" or "mbps" (the workload's throughput metric, used for the
@@ -65,9 +69,12 @@ def main():
             line = line.rstrip("\n")
             if not line:
                 continue
-            rnd, wl, srv, direction, metric, path, before, after, tck = line.split("\t")
+            fields = line.split("\t")
+            rnd, wl, srv, direction, metric, path = fields[:6]
+            before, after, machine_before, machine_after, tck = map(int, fields[6:])
             r = parse_run(direction, path)
-            r["cpu"] = (int(after) - int(before)) / int(tck)
+            r["cpu"] = (after - before) / tck
+            r["machine"] = (machine_after - machine_before) / tck
             r["round"] = int(rnd)
             runs.setdefault((wl, srv), []).append(r)
             if wl not in workloads:
@@ -81,8 +88,10 @@ def main():
         return statistics.median(r[key] for r in rs) if rs else None
 
     out = []
-    out.append("| workload | server | IOPS | MB/s | p50 µs | p99 µs | server CPU s | ratio to best peer |")
-    out.append("|---|---|---:|---:|---:|---:|---:|---:|")
+    out.append(
+        "| workload | server | IOPS | MB/s | p50 µs | p99 µs | server CPU s | machine CPU s | ratio to best peer |"
+    )
+    out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for wl in workloads:
         metric = metric_of[wl]
         for srv in servers:
@@ -99,7 +108,7 @@ def main():
             out.append(
                 f"| {wl} | {srv} | {med(wl, srv, 'iops'):.0f} | {med(wl, srv, 'mbps'):.1f} "
                 f"| {fmt_num(med(wl, srv, 'p50'))} | {fmt_num(med(wl, srv, 'p99'))} "
-                f"| {med(wl, srv, 'cpu'):.2f} | {ratio} |"
+                f"| {med(wl, srv, 'cpu'):.2f} | {med(wl, srv, 'machine'):.2f} | {ratio} |"
             )
 
     # Per-round values of each workload's throughput metric, to judge noise.
