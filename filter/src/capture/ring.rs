@@ -44,8 +44,8 @@ const CREDIT_BYTES: usize = 4096;
 /// Large writes should not wait for the tick: a payload buffer the consumer
 /// has dropped is handed back by the allocator to the next request while its
 /// cache lines are still warm, and with 2 ms of 1 MiB writes queued the
-/// buffers cycle through more memory than the caches hold (measured: about
-/// 7% of the whole machine's CPU per MiB written, `docs/BENCHMARKS.md`).
+/// buffers cycle through more memory than the caches hold (measured: 7–11%
+/// of the whole machine's CPU per MiB written, `docs/BENCHMARKS.md`).
 const WAKE_BYTES: usize = 1 << 20;
 
 /// The receiver is gone: nothing can be captured any more.

@@ -50,7 +50,7 @@ impl<R: AsyncRead + Unpin> Inbound<R> {
     }
 
     /// A message longer than a chunk, in a buffer of its own: what is
-    /// already buffered (less than a chunk), then exactly the rest.
+    /// already buffered (about a chunk at most), then exactly the rest.
     async fn take_long(&mut self, n: usize) -> io::Result<Bytes> {
         let mut message = BytesMut::with_capacity(n);
         let buffered = self.buf.len().min(n);
