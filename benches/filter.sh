@@ -2,16 +2,21 @@
 # Benchmark `cdp filter` (our NBD server) against nbdkit's file plugin and
 # qemu-nbd, side by side, with fio's nbd engine.
 #
-# Each server serves its own preallocated 1 GiB file filled with random data.
-# In each round every workload runs against every server in turn, so machine
-# noise hits all of them alike; the order rotates from round to round, and
-# every run starts with `sync`, so no server pays for the writeback of the
-# dirty pages its predecessor left. The table reports medians across rounds.
+# Each server serves its own preallocated 1 GiB file filled with random data;
+# the servers are restarted every round and the files passed round, so each
+# server meets each file (ext4's cost per write differs from one freshly made
+# file to another). In each round every workload runs against every server in
+# turn, so machine noise hits all of them alike; the order rotates from round
+# to round, and every run starts with `sync`, so no server pays for the
+# writeback of the dirty pages its predecessor left. The table reports
+# medians across rounds.
 #
 # Usage: benches/filter.sh
 # Environment:
 #   RUNTIME=10            fio runtime per run, seconds (plus a 2 s ramp)
-#   ROUNDS=3              rounds over all workloads and servers
+#   ROUNDS=3              rounds over all workloads and servers (a multiple of
+#                         the number of servers gives each one each file
+#                         equally often)
 #   SERVERS="ours nbdkit qemu-nbd"   subset/order of servers to run
 #   ONLY=seqwrite-1m-qd8  run only the workloads whose names contain this
 #   CDP=path              prebuilt cdp binary; unset: cargo build --release
@@ -80,7 +85,7 @@ want_ours=0
 # --- cleanup: stop every server we started, by PID, on any exit ----------------
 declare -A PID=()
 DISKS=()
-cleanup() {
+stop_servers() {
   local name pid rc waited
   for name in "${!PID[@]}"; do
     pid=${PID[$name]}
@@ -99,6 +104,9 @@ cleanup() {
     [ "$rc" -eq 0 ] || log "$name (pid $pid) exited with status $rc after SIGTERM (log: $LOG_DIR/$name.log)"
   done
   PID=()
+}
+cleanup() {
+  stop_servers
   if [ "$KEEP_DISKS" != 1 ] && [ ${#DISKS[@]} -gt 0 ]; then
     rm -f "${DISKS[@]}"
   fi
@@ -159,8 +167,8 @@ mkdir -p "$RAW_DIR" "$LOG_DIR" "$DISK_DIR" "$(dirname "$OUT")"
 : >"$MANIFEST"
 
 # --- disks: one preallocated 1 GiB file of random data per server ------------------
-for s in "${SERVER_LIST[@]}"; do
-  disk=$DISK_DIR/$s.img
+for i in "${!SERVER_LIST[@]}"; do
+  disk=$DISK_DIR/disk$i.img
   log "creating $disk ($DISK_SIZE, fallocate + /dev/urandom)"
   rm -f "$disk"
   DISKS+=("$disk")
@@ -173,26 +181,27 @@ done
 # --- servers -------------------------------------------------------------------------
 declare -A PORT=()
 
+# start_server NAME DISK; its log is appended to, as it restarts every round.
 start_server() {
-  local name=$1 disk=$DISK_DIR/$1.img port log_file
+  local name=$1 disk=$2 port log_file
   port=$(free_port)
   log_file=$LOG_DIR/$name.log
   case $name in
     ours)
-      "$CDP" filter --disk "$disk" --listen "127.0.0.1:$port" >"$log_file" 2>&1 &
+      "$CDP" filter --disk "$disk" --listen "127.0.0.1:$port" >>"$log_file" 2>&1 &
       ;;
     nbdkit)
       # nbdkit 1.32: default 16 threads, file plugin with cache=default.
-      nbdkit --foreground --port "$port" --ipaddr 127.0.0.1 file file="$disk" >"$log_file" 2>&1 &
+      nbdkit --foreground --port "$port" --ipaddr 127.0.0.1 file file="$disk" >>"$log_file" 2>&1 &
       ;;
     qemu-nbd)
       qemu-nbd --format=raw --cache=writeback --aio=threads --bind 127.0.0.1 --port "$port" \
-        --persistent --shared=8 "$disk" >"$log_file" 2>&1 &
+        --persistent --shared=8 "$disk" >>"$log_file" 2>&1 &
       ;;
   esac
   PID[$name]=$!
   PORT[$name]=$port
-  log "started $name (pid ${PID[$name]}) on 127.0.0.1:$port"
+  log "started $name (pid ${PID[$name]}) on 127.0.0.1:$port, serving $disk"
 }
 
 wait_ready() {
@@ -220,17 +229,18 @@ ${tail_text:-(log is empty)}"
   done
 }
 
-for s in "${SERVER_LIST[@]}"; do
-  start_server "$s"
-  wait_ready "$s"
-done
-
 # --- runs ----------------------------------------------------------------------------
 total=$((ROUNDS * ${#WORKLOADS[@]} * ${#SERVER_LIST[@]}))
 n=0
 log "running $total fio runs of ${RUNTIME}s (+${RAMP}s ramp) each"
 for round in $(seq 1 "$ROUNDS"); do
   first=$(((round - 1) % ${#SERVER_LIST[@]}))
+  stop_servers
+  for i in "${!SERVER_LIST[@]}"; do
+    s=${SERVER_LIST[i]}
+    start_server "$s" "${DISKS[(i + first) % ${#DISKS[@]}]}"
+    wait_ready "$s"
+  done
   order=("${SERVER_LIST[@]:first}" "${SERVER_LIST[@]:0:first}")
   for w in "${WORKLOADS[@]}"; do
     read -r wname rw bs iodepth direction metric <<<"$w"
@@ -275,8 +285,8 @@ report=$RAW_DIR/report.md
   if [ "$want_ours" = 1 ]; then
     echo "- cdp: $CDP ($(git -C "$REPO" describe --always --dirty 2>/dev/null || echo 'no git'))"
   fi
-  echo "- RUNTIME=${RUNTIME}s (+${RAMP}s ramp), ROUNDS=$ROUNDS, servers: ${SERVER_LIST[*]} (run alternately within each round, the order rotating by round, sync before each run)"
-  echo "- data: each server serves its own 1 GiB file, preallocated with fallocate and filled from /dev/urandom, so reads hit real data (warm in the page cache); nbdkit file plugin with default cache, qemu-nbd --cache=writeback --aio=threads --shared=8; no flushes requested"
+  echo "- RUNTIME=${RUNTIME}s (+${RAMP}s ramp), ROUNDS=$ROUNDS, servers: ${SERVER_LIST[*]} (run alternately within each round, the order rotating by round, sync before each run; servers restarted every round, each on another of the files)"
+  echo "- data: each server serves its own 1 GiB file (a different one each round), preallocated with fallocate and filled from /dev/urandom, so reads hit real data (warm in the page cache); nbdkit file plugin with default cache, qemu-nbd --cache=writeback --aio=threads --shared=8; no flushes requested"
   echo "- fio: ioengine=nbd numjobs=1 size=1G direct=1 time_based; fio and the servers share this machine (no CPU pinning)"
   echo "- every number is the median across rounds; p50/p99 = fio completion latency (clat); server CPU s = utime+stime of the server process over the whole fio run (connect + ramp + runtime); machine CPU s = busy time of all CPUs over the same span (fio, the server, the kernel's writeback and network work alike); ratio = ours / max(nbdkit, qemu-nbd) on the workload's throughput metric"
   echo "- raw fio JSON: $RAW_DIR"
