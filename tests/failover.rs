@@ -7,11 +7,10 @@
 //! the chunks that differ, counted here; a second pass ships none.
 mod common;
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc::{self, Receiver};
+use std::sync::mpsc::Receiver;
 
 use common::replication::*;
 use common::*;
@@ -258,13 +257,7 @@ impl FailbackReceiver {
             .stderr(std::fs::File::create(&stderr).expect("create the receiver's log"))
             .spawn()
             .expect("start cdp failback --receive");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
+        let lines = stdout_lines(&mut child);
         let mut receiver = FailbackReceiver {
             child: Some(child),
             addr: String::new(),

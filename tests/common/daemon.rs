@@ -2,14 +2,13 @@
 //! [`Daemon`] for any of them, [`Filter`] for `cdp filter`.
 
 use std::ffi::OsStr;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use super::{cdp, retry, scratch};
+use super::{cdp, retry, scratch, stdout_lines};
 
 /// A running `cdp` subcommand that serves until told to stop (`filter`,
 /// `target`, `protect`): started with its stderr logged to a file, ready once
@@ -53,14 +52,7 @@ impl Daemon {
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        // Reads stdout to its end, so the daemon never blocks on a full pipe.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
+        let rx = stdout_lines(&mut child);
         let mut daemon = Daemon {
             child: Some(child),
             name,

@@ -103,15 +103,7 @@ impl Mount {
         }
         let target = &self.target;
         retry(Duration::from_secs(10), || {
-            let output = Command::new("umount")
-                .arg(target)
-                .output()
-                .map_err(|e| format!("cannot run umount: {e}"))?;
-            if output.status.success() {
-                Ok(())
-            } else {
-                Err(String::from_utf8_lossy(&output.stderr).trim().to_string())
-            }
+            succeeds(Command::new("umount").arg(target))
         })
         .map_err(|e| {
             let _ = Command::new("umount").arg("-l").arg(target).status();
@@ -211,16 +203,7 @@ impl FuseMount {
         };
         let dir = &self.dir;
         let unmounted = retry(Duration::from_secs(10), || {
-            let output = Command::new("fusermount3")
-                .arg("-u")
-                .arg(dir)
-                .output()
-                .map_err(|e| format!("cannot run fusermount3: {e}"))?;
-            if output.status.success() {
-                Ok(())
-            } else {
-                Err(String::from_utf8_lossy(&output.stderr).trim().to_string())
-            }
+            succeeds(Command::new("fusermount3").arg("-u").arg(dir))
         });
         let exited = unmounted.and_then(|()| {
             retry(Duration::from_secs(10), || match child.try_wait() {
@@ -251,5 +234,17 @@ impl FuseMount {
 impl Drop for FuseMount {
     fn drop(&mut self) {
         let _ = self.release();
+    }
+}
+
+/// Runs `cmd`; its stderr is the error if it fails (for [`retry`]).
+fn succeeds(cmd: &mut Command) -> Result<(), String> {
+    let output = cmd
+        .output()
+        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).trim().to_string())
     }
 }

@@ -5,7 +5,6 @@
 
 use std::cell::RefCell;
 use std::fmt::Display;
-use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -15,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use crate::common::{cdp, first_difference, pseudo_random, read_all, scratch, sparse_file};
+use crate::common::{
+    cdp, first_difference, pseudo_random, read_all, scratch, sparse_file, stdout_lines,
+};
 use crate::journal::{check_contiguous, journal_entries};
 use crate::workload::{Workload, Writer};
 
@@ -133,13 +134,7 @@ impl Lab {
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
+        let rx = stdout_lines(&mut child);
         let mut daemon = Daemon {
             child,
             addr: String::new(),
