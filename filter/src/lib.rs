@@ -13,3 +13,4 @@ pub mod range_lock;
 pub mod server;
 pub mod service;
 mod sync;
+pub mod wake;

@@ -1,6 +1,6 @@
 //! The synchronisation primitives of our own lock-free code, routed through
 //! one place so that `--cfg cdp_loom` swaps in loom's model-checked versions
-//! (see `backing::wake`). A custom cfg name, because tokio changes its own
+//! (see `wake`). A custom cfg name, because tokio changes its own
 //! build under a plain `cfg(loom)`.
 
 #[cfg(cdp_loom)]

@@ -9,7 +9,6 @@ pub mod engine;
 pub mod fast_path;
 pub mod sync;
 pub mod uring;
-pub mod wake;
 
 use std::fs::{File, OpenOptions};
 use std::io;

@@ -24,7 +24,7 @@ use tokio::sync::oneshot;
 
 use super::aligned::AlignedBuf;
 use super::engine::{FallocateMode, IoEngine};
-use super::wake::{AfterPush, WakeState};
+use crate::wake::{AfterPush, WakeState};
 
 /// `user_data` of the pending eventfd read; every other value is a slot index.
 const WAKE: u64 = u64::MAX;

@@ -9,7 +9,11 @@
 //!   credits when the ring is full (back-pressure reaches the NBD client);
 //!   the consumer returns credits only when it hands a record out in order;
 //! - one `AtomicU64` hands out sequence numbers;
-//! - the consumer sleeps on a `crossbeam_utils::sync::Parker`.
+//! - the consumer sleeps on a `crossbeam_utils::sync::Parker`: while records
+//!   flow it ticks (wakes at least every [`CONSUMER_TICK`]), and after a
+//!   tick with nothing new it sleeps until the next push, so an idle filter
+//!   costs no CPU. Producers learn that it sleeps through the loom-checked
+//!   handshake of [`crate::wake`].
 //!
 //! Ordering. A producer takes its sequence number and pushes with no await in
 //! between, so records reach the queue almost in order; the consumer puts the
@@ -33,6 +37,7 @@ use crossbeam_utils::sync::{Parker, Unparker};
 use tokio::sync::Semaphore;
 
 use super::record::{Record, RecordKind};
+use crate::wake::{AfterPush, WakeState};
 
 /// Longest a record waits in the ring for a consumer that nobody woke.
 const CONSUMER_TICK: Duration = Duration::from_millis(2);
@@ -66,6 +71,9 @@ struct Shared {
     /// Live [`CaptureSender`]s. AcqRel on decrement so that the last sender's
     /// pushes happen-before the receiver seeing zero (it loads with Acquire).
     senders: AtomicUsize,
+    /// Whether the consumer sleeps without a tick, so that the next push
+    /// must wake it.
+    consumer_state: WakeState,
     consumer: Unparker,
 }
 
@@ -97,6 +105,7 @@ pub fn capture_ring(budget_bytes: usize, first_seq: u64) -> (CaptureSender, Capt
         wake_credits: (WAKE_BYTES / CREDIT_BYTES).min(total_credits / 2),
         next_seq: AtomicU64::new(first_seq),
         senders: AtomicUsize::new(1),
+        consumer_state: WakeState::new(),
         consumer: parker.unparker().clone(),
     });
     let receiver = CaptureReceiver {
@@ -145,9 +154,10 @@ impl CaptureSender {
         if self.shared.queue.push(record).is_err() {
             unreachable!("a producer holding credits always finds a free slot");
         }
-        // Waking the consumer for every small record would cost a context
-        // switch each.
-        if self.shared.worth_waking(barrier) {
+        // Waking a ticking consumer for every small record would cost a
+        // context switch each; a sleeping one must be woken.
+        let asleep = self.shared.consumer_state.after_push() == AfterPush::Wake;
+        if asleep || self.shared.worth_waking(barrier) {
             self.shared.consumer.unpark();
         }
         Ok(seq)
@@ -212,6 +222,7 @@ impl CaptureReceiver {
     /// The next record in sequence, waiting for it; `None` once every sender
     /// is gone and every record has been handed out.
     pub fn recv(&mut self) -> Option<Record> {
+        let mut ticked = false;
         loop {
             if let Some(record) = self.try_recv() {
                 return Some(record);
@@ -221,10 +232,27 @@ impl CaptureReceiver {
                 // look finds whatever was pushed last.
                 return self.try_recv();
             }
-            // Senders wake us for batches, barriers, a filling ring and their
-            // last drop; the tick bounds how long a lone record waits.
-            self.parker.park_timeout(CONSUMER_TICK);
+            if ticked {
+                self.sleep_until_pushed();
+            } else {
+                // Senders wake us for batches, barriers, a filling ring and
+                // their last drop; the tick bounds how long a lone record
+                // waits.
+                self.parker.park_timeout(CONSUMER_TICK);
+                ticked = true;
+            }
         }
+    }
+
+    /// Parks with no tick until a producer pushes (or the last sender is
+    /// dropped, which always unparks; an unpark that comes first makes the
+    /// park return at once).
+    fn sleep_until_pushed(&mut self) {
+        let state = &self.shared.consumer_state;
+        if state.may_sleep(|| self.shared.queue.is_empty()) {
+            self.parker.park();
+        }
+        state.awake();
     }
 
     /// The sequence number of the next record to be handed out.
@@ -394,6 +422,60 @@ mod tests {
             shared.worth_waking(false),
             "a batch of small records is worth it"
         );
+    }
+
+    /// Voluntary context switches of thread `tid` of this process so far.
+    fn context_switches(tid: i32) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).unwrap();
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("voluntary_ctxt_switches:"))
+            .expect("a voluntary_ctxt_switches line");
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    #[test]
+    fn an_idle_consumer_sleeps_until_a_record_comes() {
+        let (sender, mut receiver) = capture_ring(1 << 20, 0);
+        let (delivered, seen) = std::sync::mpsc::channel();
+        let consumer = std::thread::spawn(move || {
+            // SAFETY: gettid has no arguments and cannot fail.
+            delivered.send(Err(unsafe { libc::gettid() })).unwrap();
+            while let Some(record) = receiver.recv() {
+                delivered.send(Ok(record.seq)).unwrap();
+            }
+        });
+        let Ok(Err(tid)) = seen.recv() else {
+            panic!("the consumer sends its thread id first")
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        // Lone small records, each after the consumer has gone to sleep:
+        // every one must still wake it (a lost wake-up would hang here).
+        for seq in 0..50 {
+            std::thread::sleep(CONSUMER_TICK * 3);
+            runtime
+                .block_on(sender.send(RecordKind::Write, false, 0, 1, Bytes::from_static(b"x")))
+                .unwrap();
+            let got = seen.recv_timeout(Duration::from_secs(5));
+            assert_eq!(
+                got,
+                Ok(Ok(seq)),
+                "record {seq} was not delivered to a sleeping consumer"
+            );
+        }
+        std::thread::sleep(CONSUMER_TICK * 3);
+        let before = context_switches(tid);
+        std::thread::sleep(CONSUMER_TICK * 100);
+        let woken = context_switches(tid) - before;
+        assert!(
+            woken <= 2,
+            "an idle consumer woke {woken} times in {:?}",
+            CONSUMER_TICK * 100
+        );
+        drop(sender);
+        consumer.join().unwrap();
     }
 
     #[test]

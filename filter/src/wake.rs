@@ -1,10 +1,14 @@
-//! The sleep/wake handshake between the io_uring engine's callers and its
-//! ring thread, kept apart so that loom can check it
-//! (`RUSTFLAGS="--cfg cdp_loom" cargo test -p filter --lib backing::wake`).
+//! The sleep/wake handshake between the producers of a queue and the one
+//! thread that consumes it, kept apart so that loom can check it
+//! (`RUSTFLAGS="--cfg cdp_loom" cargo test -p filter --lib wake::`). Used by
+//! the io_uring engine (callers and its ring thread, which blocks on an
+//! eventfd) and by the capture ring (producers and its consumer, which
+//! blocks on a parker once it is idle).
 //!
-//! A caller pushes a request onto the engine's queue and then calls
-//! [`WakeState::after_push`]; the ring thread calls [`WakeState::may_sleep`]
-//! before it blocks on its eventfd, and [`WakeState::awake`] after.
+//! A caller pushes onto the queue and then calls [`WakeState::after_push`];
+//! the consuming thread calls [`WakeState::may_sleep`] before it blocks, and
+//! [`WakeState::awake`] after. The text below says "ring thread" for the
+//! consuming thread and "caller" for a producer.
 //!
 //! Dekker handshake: the ring thread stores `SLEEPING`, then looks at the
 //! queue; a caller pushes, then compare-exchanges `SLEEPING` to `AWAKE`. A
