@@ -171,13 +171,23 @@ impl Journal {
             points,
             tags,
             torn,
+            leftover,
             ..
         } = scan::scan(&jdir, Some(identity), Bodies::All)?;
         let mut report = RecoveryReport {
             segments: segments.len(),
             points: points.len(),
             torn_tail: None,
+            leftover_segments_removed: leftover.len(),
         };
+        if !leftover.is_empty() {
+            tracing::info!(
+                count = leftover.len(),
+                dir = %jdir.display(),
+                "removing segments an interrupted retention left behind"
+            );
+            files::remove(&jdir, &dir_handle, leftover.iter().map(PathBuf::as_path))?;
+        }
         if let Some(torn) = torn {
             if options.recovery == RecoveryMode::Strict {
                 return Err(JournalError::TornTail {
@@ -187,7 +197,7 @@ impl Journal {
                 });
             }
             if torn.cause == TornCause::SegmentHeader {
-                files::remove(&jdir, &dir_handle, &torn.path)?;
+                files::remove(&jdir, &dir_handle, [torn.path.as_path()])?;
             } else {
                 files::truncate(&torn.path, torn.offset)?;
                 if let Some(newest) = segments.last_mut() {
@@ -248,12 +258,14 @@ impl Journal {
             points,
             tags,
             torn,
+            ..
         } = scan::scan(&jdir, None, bodies)?;
         let identity = identity.ok_or_else(|| JournalError::Empty { path: jdir.clone() })?;
         let report = RecoveryReport {
             segments: segments.len(),
             points: points.len(),
             torn_tail: torn.map(|torn| torn_tail(torn, false)),
+            leftover_segments_removed: 0,
         };
         let journal = Journal {
             dir: jdir,
@@ -274,7 +286,7 @@ impl Journal {
         if !jdir.is_dir() {
             return Ok(None);
         }
-        let Some((_, first)) = scan::list_segments(&jdir)?.into_iter().next() else {
+        let Some((_, first)) = scan::list_segments(&jdir)?.live.into_iter().next() else {
             return Ok(None);
         };
         let mut raw = [0u8; SEGMENT_HEADER_LEN];

@@ -271,3 +271,43 @@ fn after_a_failed_append_the_journal_takes_no_more_until_reopened() {
         0,
     );
 }
+
+/// A crash after retention recorded the new first segment but before it
+/// removed every older one leaves those files behind. A read-only open
+/// ignores them and leaves them; the writer's open deletes them and keeps
+/// every retained point.
+#[test]
+fn segments_left_by_an_interrupted_retention_are_removed_by_the_writer() {
+    let (src, points) = pristine(1024);
+    let dir = copy_of(src.path());
+    let saved = tempfile::tempdir().unwrap();
+    copy_journal(dir.path(), saved.path());
+    let (mut journal, _) = open(dir.path(), options(1024));
+    let up_to = points[COUNT as usize - 2];
+    let removed = journal.remove_old_segments(up_to.id, u64::MAX).unwrap();
+    assert!(removed >= 2, "retention removed {removed} segments");
+    let kept = journal.points().to_vec();
+    drop(journal);
+    // The crash: the removed segments are back, as if never unlinked.
+    let leftovers: Vec<_> = (1..=removed as u64)
+        .map(|n| segment_path(dir.path(), n))
+        .collect();
+    for path in &leftovers {
+        let name = path.file_name().unwrap();
+        std::fs::copy(saved.path().join("journal").join(name), path).unwrap();
+    }
+    let (journal, report) = Journal::open_read_only(dir.path()).unwrap();
+    assert_eq!(
+        (journal.points(), report.leftover_segments_removed),
+        (&kept[..], 0)
+    );
+    assert!(
+        leftovers.iter().all(|p| p.exists()),
+        "a read-only open deleted files"
+    );
+    let (journal, report) = open(dir.path(), options(1024));
+    assert_eq!(report.leftover_segments_removed, removed);
+    assert_eq!(journal.points(), &kept[..]);
+    let survivors: Vec<_> = leftovers.iter().filter(|p| p.exists()).collect();
+    assert!(survivors.is_empty(), "leftovers still there: {survivors:?}");
+}

@@ -91,14 +91,8 @@ impl Journal {
             &writer.dir_handle,
             self.segments[removable].number,
         )?;
-        for segment in &self.segments[..removable] {
-            std::fs::remove_file(&segment.path).map_err(io_err(
-                &segment.path,
-                "remove segment",
-                0,
-            ))?;
-        }
-        files::sync_dir(&self.dir, &writer.dir_handle)?;
+        let paths = self.segments[..removable].iter().map(|s| s.path.as_path());
+        files::remove(&self.dir, &writer.dir_handle, paths)?;
         let gone = self.segments[removable - 1].number;
         self.segments.drain(..removable);
         self.points.retain(|p| p.segment > gone);

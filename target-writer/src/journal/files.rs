@@ -104,8 +104,14 @@ pub(super) fn record_first_segment(
     sync_dir(dir, dir_handle)
 }
 
-/// Removes the segment at `path`, durably.
-pub(super) fn remove(dir: &Path, dir_handle: &File, path: &Path) -> Result<(), JournalError> {
-    std::fs::remove_file(path).map_err(io_err(path, "remove segment", 0))?;
+/// Removes the segment files at `paths`, durably.
+pub(super) fn remove<'a>(
+    dir: &Path,
+    dir_handle: &File,
+    paths: impl IntoIterator<Item = &'a Path>,
+) -> Result<(), JournalError> {
+    for path in paths {
+        std::fs::remove_file(path).map_err(io_err(path, "remove segment", 0))?;
+    }
     sync_dir(dir, dir_handle)
 }

@@ -54,6 +54,9 @@ pub struct RecoveryReport {
     pub segments: usize,
     pub points: usize,
     pub torn_tail: Option<TornTail>,
+    /// Segment files below the journal's first segment (an interrupted
+    /// retention's leftovers) that opening for append deleted.
+    pub leftover_segments_removed: usize,
 }
 
 /// Reports a torn tail, as a warning and for the [`RecoveryReport`].

@@ -71,6 +71,8 @@ pub(super) struct Scan {
     /// The tags of the tagged points, by entry id.
     pub tags: BTreeMap<u64, Tag>,
     pub torn: Option<Torn>,
+    /// Segment files below the journal's first: see [`SegmentFiles`].
+    pub leftover: Vec<PathBuf>,
 }
 
 /// Verifies the journal in `dir`. With `expected`, every segment must be of
@@ -80,7 +82,10 @@ pub(super) fn scan(
     expected: Option<Identity>,
     bodies: Bodies,
 ) -> Result<Scan, JournalError> {
-    let files = list_segments(dir)?;
+    let SegmentFiles {
+        live: files,
+        leftover,
+    } = list_segments(dir)?;
     let mut scanner = Scanner {
         bodies,
         identity: expected,
@@ -131,12 +136,22 @@ pub(super) fn scan(
         points: scanner.points,
         tags: scanner.tags,
         torn,
+        leftover,
     })
 }
 
-/// The segment files in `dir`, in order; their numbers must run without a
-/// gap from 1, or from the first one short-term retention kept. Files that do not name a segment are ignored.
-pub(super) fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalError> {
+/// The segment files of a journal directory. Files that do not name a
+/// segment are ignored.
+pub(super) struct SegmentFiles {
+    /// The journal's segments in order, numbered without a gap from 1, or
+    /// from the first one short-term retention kept.
+    pub live: Vec<(u64, PathBuf)>,
+    /// Segments numbered below that first one: what a crash left while
+    /// retention removed them. No longer part of the journal.
+    pub leftover: Vec<PathBuf>,
+}
+
+pub(super) fn list_segments(dir: &Path) -> Result<SegmentFiles, JournalError> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io_err(dir, "list directory", 0))? {
         let entry = entry.map_err(io_err(dir, "list directory", 0))?;
@@ -147,10 +162,9 @@ pub(super) fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalEr
     }
     found.sort_unstable();
     let first = retained_from(dir)?;
-    // Older segments are what a crash left while retention removed them:
-    // no longer part of the journal.
-    found.retain(|(number, _)| *number >= first);
-    for (expected, (number, path)) in (first..).zip(&found) {
+    let live = found.split_off(found.partition_point(|(number, _)| *number < first));
+    let leftover = found.into_iter().map(|(_, path)| path).collect();
+    for (expected, (number, path)) in (first..).zip(&live) {
         if *number != expected {
             return Err(JournalError::SegmentGap {
                 path: path.clone(),
@@ -158,7 +172,7 @@ pub(super) fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalEr
             });
         }
     }
-    Ok(found)
+    Ok(SegmentFiles { live, leftover })
 }
 
 /// The number the journal's segments start at: 1, or what short-term
