@@ -15,6 +15,9 @@ direction is "read" or "write" (which side of the fio JSON holds the numbers),
 metric is "iops" or "mbps" (the workload's throughput metric, used for the
 ratio column). Workloads and servers are reported in first-seen order.
 Every number in the main table is the median across rounds, taken per column.
+The ratio column also gives the median of the per-round ratios (ours against
+the best peer of the same round, which ran minutes apart at most, so slow
+drift of a noisy machine cancels) and how many rounds we won.
 """
 
 import json
@@ -87,6 +90,14 @@ def main():
         rs = runs.get((wl, srv))
         return statistics.median(r[key] for r in rs) if rs else None
 
+    def per_round_ratios(wl, metric):
+        ours = {r["round"]: r[metric] for r in runs.get((wl, OURS), [])}
+        best = {}
+        for peer in PEERS:
+            for r in runs.get((wl, peer), []):
+                best[r["round"]] = max(best.get(r["round"], 0.0), r[metric])
+        return [ours[n] / best[n] for n in sorted(ours) if best.get(n, 0) > 0]
+
     out = []
     out.append(
         "| workload | server | IOPS | MB/s | p50 µs | p99 µs | server CPU s | machine CPU s | ratio to best peer |"
@@ -102,7 +113,12 @@ def main():
                 peers = [med(wl, p, metric) for p in PEERS if (wl, p) in runs]
                 if peers and max(peers) > 0:
                     label = "IOPS" if metric == "iops" else "MB/s"
-                    ratio = f"{med(wl, srv, metric) / max(peers):.2f}× ({label})"
+                    paired = per_round_ratios(wl, metric)
+                    won = sum(1 for x in paired if x >= 1)
+                    ratio = (
+                        f"{med(wl, srv, metric) / max(peers):.2f}× ({label}); per round "
+                        f"{statistics.median(paired):.2f}×, won {won} of {len(paired)}"
+                    )
                 else:
                     ratio = "n/a (no peers run)"
             out.append(
