@@ -180,14 +180,6 @@ impl Journal {
             torn_tail: None,
             leftover_segments_removed: leftover.len(),
         };
-        if !leftover.is_empty() {
-            tracing::info!(
-                count = leftover.len(),
-                dir = %jdir.display(),
-                "removing segments an interrupted retention left behind"
-            );
-            files::remove(&jdir, &dir_handle, leftover.iter().map(PathBuf::as_path))?;
-        }
         if let Some(torn) = torn {
             if options.recovery == RecoveryMode::Strict {
                 return Err(JournalError::TornTail {
@@ -205,6 +197,15 @@ impl Journal {
                 }
             }
             report.torn_tail = Some(torn_tail(torn, true));
+        }
+        // After the strict check: a refused open changes nothing.
+        if !leftover.is_empty() {
+            tracing::info!(
+                count = leftover.len(),
+                dir = %jdir.display(),
+                "removing segments an interrupted retention left behind"
+            );
+            files::remove(&jdir, &dir_handle, leftover.iter().map(PathBuf::as_path))?;
         }
         let file = match segments.last() {
             Some(newest) => files::open_for_append(&newest.path)?,
