@@ -213,18 +213,23 @@ manifest=$work/manifest.tsv
 : >"$manifest"
 clk=$(getconf CLK_TCK)
 ticks() { local s f; s=$(<"/proc/$1/stat"); s=${s##*) }; read -r -a f <<<"$s"; echo $((f[11] + f[12])); }
+# Busy ticks of both CPUs (user, nice, system, irq, softirq, steal).
+machine_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9; exit }' /proc/stat; }
 for round in $(seq "$ROUNDS"); do
   for bs in 4k 64k; do
     for server in ours nbdkit; do
       json=$work/r$round-$bs-$server.json
       before=$(ticks "${SPID[$server]}")
+      machine_before=$(machine_ticks)
       fio --name="randread-$bs-qd16" --ioengine=nbd --uri="nbd://127.0.0.1:${PORT[$server]}/" --readonly \
         --rw=randread --bs="$bs" --iodepth=16 --size=1G --time_based --runtime="$RUNTIME" --ramp_time=2 \
         --group_reporting --output-format=json --output="$json" >/dev/null 2>&1 ||
         die "fio randread $bs against $server failed"
       after=$(ticks "${SPID[$server]}")
-      printf '%s\trandread-%s-qd16\t%s\tread\tiops\t%s\t%s\t%s\t%s\n' \
-        "$round" "$bs" "$server" "$json" "$before" "$after" "$clk" >>"$manifest"
+      machine_after=$(machine_ticks)
+      printf '%s\trandread-%s-qd16\t%s\tread\tiops\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+        "$round" "$bs" "$server" "$json" "$before" "$after" "$machine_before" "$machine_after" \
+        "$clk" >>"$manifest"
       log "round $round randread $bs $server done"
     done
   done
