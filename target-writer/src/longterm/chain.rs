@@ -2,10 +2,11 @@
 //! point, and (for a point in the journal) a layer built from the journal
 //! entries after the newest long-term point below it. A block reads from the
 //! newest layer that holds it, or as zeros. [`PointImage::runs`] walks every
-//! held block once, newest layer winning, for a full restore.
+//! held block of a range once, newest layer winning, for a full restore.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::ops::Range;
 
 use super::error::LongTermError;
 use super::image::{Layer, BLOCK};
@@ -83,14 +84,17 @@ impl PointImage {
         Ok(())
     }
 
-    /// Every block some layer holds, once, in block order, as runs of
-    /// consecutive blocks from the same layer (zero blocks as `layer: None`);
-    /// blocks no layer holds are left out (they read as zeros).
-    pub fn runs(&self) -> impl Iterator<Item = Run> + '_ {
+    /// Every block of `blocks` some layer holds, once, in block order, as
+    /// runs of consecutive blocks from the same layer (zero blocks as
+    /// `layer: None`); blocks no layer holds are left out (they read as
+    /// zeros).
+    pub fn runs(&self, blocks: Range<u64>) -> impl Iterator<Item = Run> + '_ {
         let mut heap: BinaryHeap<Reverse<(u64, Reverse<usize>, usize)>> = BinaryHeap::new();
         for (layer, l) in self.layers.iter().enumerate() {
-            if let Some(first) = l.map().entries().first() {
-                heap.push(Reverse((first.block, Reverse(layer), 0)));
+            let entries = l.map().entries();
+            let index = entries.partition_point(|e| e.block < blocks.start);
+            if let Some(first) = entries.get(index) {
+                heap.push(Reverse((first.block, Reverse(layer), index)));
             }
         }
         let mut current: Option<Run> = None;
@@ -98,6 +102,9 @@ impl PointImage {
             let Some(Reverse((block, Reverse(layer), index))) = heap.pop() else {
                 return current.take();
             };
+            if block >= blocks.end {
+                return current.take();
+            }
             // The same block in older layers is hidden by this one.
             while let Some(Reverse((b, _, _))) = heap.peek() {
                 if *b != block {

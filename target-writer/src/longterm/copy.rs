@@ -1,13 +1,18 @@
-//! Writing a rebuilt image fast. [`copy_layers`]: one thread reads runs of
-//! blocks (newest layer winning, CRCs checked) into page-aligned buffers of
-//! up to 4 MiB, the calling thread writes them with O_DIRECT, so reading and
-//! writing overlap and the written data is not copied into the page cache
-//! first; blocks no layer holds are skipped (the image is sparse).
+//! Writing a rebuilt image fast. [`copy_layers`]: reader threads each take
+//! every [`READERS`]th 4 MiB window of the disk and read its runs of blocks
+//! (newest layer winning, CRCs checked) into page-aligned buffers; the
+//! calling thread writes them with O_DIRECT. So reading and writing overlap,
+//! the written data is not copied into the page cache first, and when the
+//! layers are not in the page cache several reads are in flight at once
+//! (the runs of a long chain of deltas are short and scattered: one reader
+//! thread left the disk waiting on each); blocks no layer holds are skipped
+//! (the image is sparse).
 //! [`apply_direct`] applies a journal batch the same way: the whole blocks
 //! of large writes with O_DIRECT, the rest through the page cache. Where the
 //! file system refuses O_DIRECT everything goes through the page cache.
 
 use std::fs::{File, OpenOptions};
+use std::ops::Range;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::mpsc;
@@ -20,16 +25,20 @@ use super::chain::PointImage;
 use super::error::{io_err, LongTermError};
 use super::image::BLOCK;
 
-/// The largest write: 4 MiB.
-const CHUNK: u64 = 4 << 20;
-/// Buffers in flight between the reader and the writer.
-const BUFFERS: usize = 3;
+/// The largest write, and the window of the disk a reader takes at a time:
+/// 4 MiB.
+pub(super) const CHUNK: u64 = 4 << 20;
+/// Reader threads of [`copy_layers`].
+const READERS: usize = 4;
+/// Buffers of each reader: one it fills while the writer has the other.
+const BUFFERS_PER_READER: usize = 2;
 
-/// One filled buffer: `len` bytes for the disk at `offset`.
+/// One filled buffer: `len` bytes for the disk at `offset`, from `reader`.
 struct Filled {
     offset: u64,
     len: u64,
     buf: AlignedBuf,
+    reader: usize,
 }
 
 /// Opens `path` again for O_DIRECT writes, if its file system allows them.
@@ -102,18 +111,48 @@ pub fn copy_layers(
     image: &PointImage,
     out: &File,
     path: &Path,
+    progress: impl FnMut(u64),
+) -> Result<(), LongTermError> {
+    copy_in_windows(image, out, path, CHUNK, READERS, progress)
+}
+
+/// [`copy_layers`] with `readers` threads taking windows of `window` bytes
+/// (a whole number of blocks) in turn.
+pub(super) fn copy_in_windows(
+    image: &PointImage,
+    out: &File,
+    path: &Path,
+    window: u64,
+    readers: usize,
     mut progress: impl FnMut(u64),
 ) -> Result<(), LongTermError> {
+    debug_assert!(window > 0 && window % BLOCK == 0 && readers > 0);
     let direct = open_direct(path);
-    let (filled_tx, filled_rx) = mpsc::sync_channel::<Filled>(BUFFERS);
-    let (empty_tx, empty_rx) = mpsc::channel::<AlignedBuf>();
-    for _ in 0..BUFFERS {
-        empty_tx
-            .send(AlignedBuf::zeroed(CHUNK as usize))
-            .expect("receiver alive");
-    }
+    let windows = image.disk_size().div_ceil(window);
+    let (filled_tx, filled_rx) = mpsc::sync_channel::<Filled>(readers);
     std::thread::scope(|scope| {
-        let reader = scope.spawn(move || read_chunks(image, &filled_tx, &empty_rx));
+        let mut empties = Vec::with_capacity(readers);
+        let mut threads = Vec::with_capacity(readers);
+        for reader in 0..readers {
+            let (empty_tx, empty_rx) = mpsc::channel::<AlignedBuf>();
+            for _ in 0..BUFFERS_PER_READER {
+                empty_tx
+                    .send(AlignedBuf::zeroed(window as usize))
+                    .expect("receiver alive");
+            }
+            empties.push(empty_tx);
+            let filled = filled_tx.clone();
+            threads.push(scope.spawn(move || {
+                for w in (reader as u64..windows).step_by(readers) {
+                    let blocks = w * window / BLOCK..((w + 1) * window / BLOCK);
+                    if !read_window(image, blocks, reader, &filled, &empty_rx)? {
+                        break;
+                    }
+                }
+                Ok(())
+            }));
+        }
+        drop(filled_tx);
         let mut written = 0;
         let mut result = Ok(());
         for filled in filled_rx {
@@ -122,44 +161,50 @@ pub fn copy_layers(
                 written += filled.len;
                 progress(written);
             }
-            // The reader stops once it finds no buffer to fill.
-            let _ = empty_tx.send(filled.buf);
+            // A reader stops once it finds no buffer to fill.
+            let _ = empties[filled.reader].send(filled.buf);
             if result.is_err() {
                 break;
             }
         }
-        drop(empty_tx);
-        let read = reader.join().expect("the copy's reader does not panic");
+        drop(empties);
+        let mut read = Ok(());
+        for thread in threads {
+            let outcome = thread.join().expect("the copy's readers do not panic");
+            read = read.and(outcome);
+        }
         result.and(read)
     })
 }
 
-/// Fills buffers with runs of data blocks, contiguous ones together.
-fn read_chunks(
+/// Fills buffers with the data blocks of `blocks`, contiguous ones
+/// together, and hands them to the writer. `false` if the writer is gone.
+fn read_window(
     image: &PointImage,
+    blocks: Range<u64>,
+    reader: usize,
     filled: &mpsc::SyncSender<Filled>,
     empty: &mpsc::Receiver<AlignedBuf>,
-) -> Result<(), LongTermError> {
+) -> Result<bool, LongTermError> {
     let mut current: Option<Filled> = None;
-    for run in image.runs() {
+    for run in image.runs(blocks) {
         let Some(layer) = run.layer else { continue };
         let (offset, len) = (run.first_block * BLOCK, run.blocks * BLOCK);
-        let joins = current
-            .as_ref()
-            .is_some_and(|c| c.offset + c.len == offset && c.len + len <= CHUNK);
+        let joins = current.as_ref().is_some_and(|c| c.offset + c.len == offset);
         if !joins {
             if let Some(done) = current.take() {
                 if filled.send(done).is_err() {
-                    return Ok(());
+                    return Ok(false);
                 }
             }
             let Ok(buf) = empty.recv() else {
-                return Ok(());
+                return Ok(false);
             };
             current = Some(Filled {
                 offset,
                 len: 0,
                 buf,
+                reader,
             });
         }
         let chunk = current.as_mut().expect("set above");
@@ -168,10 +213,10 @@ fn read_chunks(
         image.layers()[layer].read_blocks(run.first_block, target)?;
         chunk.len += len;
     }
-    if let Some(done) = current {
-        let _ = filled.send(done);
+    match current {
+        Some(done) => Ok(filled.send(done).is_ok()),
+        None => Ok(true),
     }
-    Ok(())
 }
 
 /// Writes one chunk: with O_DIRECT where possible; the part past the end of

@@ -84,12 +84,16 @@ proptest! {
             let mut read = vec![0u8; DISK as usize];
             image.read_at(&mut read, 0).unwrap();
             prop_assert!(read == model, "layer {} reads differ", i);
-            let copy = dir.path().join(format!("{i}.copy"));
-            let out = std::fs::File::create(&copy).unwrap();
-            out.set_len(DISK).unwrap();
-            super::copy_layers(&image, &out, &copy, |_| {}).unwrap();
-            let copied = std::fs::read(&copy).unwrap();
-            prop_assert!(copied == model, "layer {} copy differs", i);
+            // One window for the whole disk, and windows of 2 blocks taken in
+            // turn by 3 reader threads.
+            for (window, readers) in [(super::copy::CHUNK, 1), (2 * BLOCK, 3)] {
+                let copy = dir.path().join(format!("{i}-{window}.copy"));
+                let out = std::fs::File::create(&copy).unwrap();
+                out.set_len(DISK).unwrap();
+                super::copy::copy_in_windows(&image, &out, &copy, window, readers, |_| {}).unwrap();
+                let copied = std::fs::read(&copy).unwrap();
+                prop_assert!(copied == model, "layer {} copy in {}-byte windows differs", i, window);
+            }
         }
     }
 }
