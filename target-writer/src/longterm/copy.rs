@@ -15,6 +15,7 @@ use std::fs::{File, OpenOptions};
 use std::ops::Range;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 
 use filter::backing::aligned::AlignedBuf;
@@ -130,6 +131,9 @@ pub(super) fn copy_in_windows(
     let direct = open_direct(path);
     let windows = image.disk_size().div_ceil(window);
     let (filled_tx, filled_rx) = mpsc::sync_channel::<Filled>(readers);
+    // Set by a reader that failed, so that the others stop at their next
+    // window instead of reading the rest of the disk for nothing.
+    let failed = AtomicBool::new(false);
     std::thread::scope(|scope| {
         let mut empties = Vec::with_capacity(readers);
         let mut threads = Vec::with_capacity(readers);
@@ -142,11 +146,20 @@ pub(super) fn copy_in_windows(
             }
             empties.push(empty_tx);
             let filled = filled_tx.clone();
+            let failed = &failed;
             threads.push(scope.spawn(move || {
                 for w in (reader as u64..windows).step_by(readers) {
-                    let blocks = w * window / BLOCK..((w + 1) * window / BLOCK);
-                    if !read_window(image, blocks, reader, &filled, &empty_rx)? {
+                    if failed.load(Ordering::Relaxed) {
                         break;
+                    }
+                    let blocks = w * window / BLOCK..((w + 1) * window / BLOCK);
+                    match read_window(image, blocks, reader, &filled, &empty_rx) {
+                        Ok(true) => {}
+                        Ok(false) => break,
+                        Err(e) => {
+                            failed.store(true, Ordering::Relaxed);
+                            return Err(e);
+                        }
                     }
                 }
                 Ok(())

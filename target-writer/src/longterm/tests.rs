@@ -97,3 +97,33 @@ proptest! {
         }
     }
 }
+
+/// A damaged block fails the copy with its layer and block, whichever
+/// reader thread finds it.
+#[test]
+fn a_damaged_block_fails_the_copy_and_names_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("layer");
+    let empty = PointImage::new(DISK, Vec::new());
+    let mut builder = ImageBuilder::create(&empty, &path, 0).unwrap();
+    builder
+        .apply(&batch(vec![(true, 0, 16 * BLOCK, 7)]))
+        .unwrap();
+    let (file, map) = builder.finish().unwrap();
+    let damaged = 11;
+    let mut byte = [0u8; 1];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut byte, damaged * BLOCK + 5).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &[byte[0] ^ 1], damaged * BLOCK + 5).unwrap();
+    let layer = Layer::in_memory(path.clone(), file, map, DISK, PointStamp::default());
+    let image = PointImage::new(DISK, vec![layer]);
+    let copy = dir.path().join("copy");
+    let out = std::fs::File::create(&copy).unwrap();
+    out.set_len(DISK).unwrap();
+    let err = super::copy::copy_in_windows(&image, &out, &copy, 2 * BLOCK, 3, |_| {}).unwrap_err();
+    match err {
+        super::LongTermError::BlockCrc { path: p, block, .. } => {
+            assert_eq!((p, block), (path, damaged), "wrong place reported");
+        }
+        other => panic!("expected a block CRC error, got {other}"),
+    }
+}
