@@ -29,6 +29,8 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
+# shellcheck source=benches/fio_manifest.sh
+. benches/fio_manifest.sh
 
 RUNTIME=${RUNTIME:-10}
 ROUNDS=${ROUNDS:-3}
@@ -124,23 +126,6 @@ is_alive() {
   [ "${s:0:1}" != Z ]
 }
 
-# utime + stime (fields 14 and 15 of /proc/PID/stat) in clock ticks; covers
-# all threads of the process. Fields are counted after the "(comm)" field,
-# which may contain spaces.
-cpu_ticks() {
-  local s f
-  s=$(<"/proc/$1/stat")
-  s=${s##*) }
-  read -r -a f <<<"$s" # f[0] is field 3 (state)
-  echo $((f[11] + f[12]))
-}
-
-# Busy clock ticks of the whole machine (user, nice, system, irq, softirq,
-# steal; not idle or iowait), from the first line of /proc/stat.
-machine_ticks() {
-  awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9; exit }' /proc/stat
-}
-
 free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
 }
@@ -162,7 +147,6 @@ if [ "$want_ours" = 1 ]; then
   [ -x "$CDP" ] || die "cdp binary at '$CDP' is not executable"
 fi
 
-CLK_TCK=$(getconf CLK_TCK)
 mkdir -p "$RAW_DIR" "$LOG_DIR" "$DISK_DIR" "$(dirname "$OUT")"
 : >"$MANIFEST"
 
@@ -264,9 +248,8 @@ server log: $LOG_DIR/$s.log"
       after=$(cpu_ticks "$pid")
       machine_after=$(machine_ticks)
       [ -s "$json.log" ] || rm -f "$json.log"
-      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
-        "$round" "$wname" "$s" "$direction" "$metric" "$json" "$before" "$after" \
-        "$machine_before" "$machine_after" "$CLK_TCK" >>"$MANIFEST"
+      manifest_line "$round" "$wname" "$s" "$direction" "$metric" "$json" "$before" "$after" \
+        "$machine_before" "$machine_after" >>"$MANIFEST"
       log "[$n/$total] round $round $wname $s done"
     done
   done

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Summarise the fio runs of benches/filter.sh into a markdown table.
+"""Summarise the fio runs of benches/filter.sh and benches/serve_point.sh into a
+markdown table.
 
 Usage: fio_summary.py MANIFEST
 
-MANIFEST is a tab-separated file written by filter.sh, one line per fio run:
+MANIFEST is a tab-separated file written by filter.sh or serve_point.sh (with
+manifest_line from benches/fio_manifest.sh), one line per fio run:
 
     round  workload  server  direction  metric  json_path  cpu_ticks_before  cpu_ticks_after
     machine_ticks_before  machine_ticks_after  clk_tck

@@ -24,6 +24,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
+# shellcheck source=benches/fio_manifest.sh
+. benches/fio_manifest.sh
 
 RUNTIME=${RUNTIME:-10}
 ROUNDS=${ROUNDS:-3}
@@ -211,25 +213,20 @@ declare -A PORT=([ours]=$ours_port [nbdkit]=$nbdkit_port)
 declare -A SPID=([ours]=$ours_pid [nbdkit]=$nbdkit_pid)
 manifest=$work/manifest.tsv
 : >"$manifest"
-clk=$(getconf CLK_TCK)
-ticks() { local s f; s=$(<"/proc/$1/stat"); s=${s##*) }; read -r -a f <<<"$s"; echo $((f[11] + f[12])); }
-# Busy ticks of both CPUs (user, nice, system, irq, softirq, steal).
-machine_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9; exit }' /proc/stat; }
 for round in $(seq "$ROUNDS"); do
   for bs in 4k 64k; do
     for server in ours nbdkit; do
       json=$work/r$round-$bs-$server.json
-      before=$(ticks "${SPID[$server]}")
+      before=$(cpu_ticks "${SPID[$server]}")
       machine_before=$(machine_ticks)
       fio --name="randread-$bs-qd16" --ioengine=nbd --uri="nbd://127.0.0.1:${PORT[$server]}/" --readonly \
         --rw=randread --bs="$bs" --iodepth=16 --size=1G --time_based --runtime="$RUNTIME" --ramp_time=2 \
         --group_reporting --output-format=json --output="$json" >/dev/null 2>&1 ||
         die "fio randread $bs against $server failed"
-      after=$(ticks "${SPID[$server]}")
+      after=$(cpu_ticks "${SPID[$server]}")
       machine_after=$(machine_ticks)
-      printf '%s\trandread-%s-qd16\t%s\tread\tiops\t%s\t%s\t%s\t%s\t%s\t%s\n' \
-        "$round" "$bs" "$server" "$json" "$before" "$after" "$machine_before" "$machine_after" \
-        "$clk" >>"$manifest"
+      manifest_line "$round" "randread-$bs-qd16" "$server" read iops "$json" "$before" "$after" \
+        "$machine_before" "$machine_after" >>"$manifest"
       log "round $round randread $bs $server done"
     done
   done
