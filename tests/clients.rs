@@ -494,3 +494,77 @@ loop_device_tests! {
     loop_device_sync_engine: loop_direct_io = false, filter_args = &["--io-engine", "sync"];
     loop_device_no_fast_path: loop_direct_io = false, filter_args = &["--no-fast-path"];
 }
+
+// ---------------------------------------------------------------------------
+// 13. a full backing file system
+// ---------------------------------------------------------------------------
+
+#[test]
+fn a_full_backing_file_system_fails_writes_and_the_log_still_replays() {
+    full_backing_file_system(&[]);
+}
+
+#[test]
+fn a_full_backing_file_system_through_io_uring() {
+    full_backing_file_system(&["--no-fast-path"]);
+}
+
+/// A 16 MiB sparse disk on a 4 MiB tmpfs. A write that finds no room fails
+/// with ENOSPC on a connection that keeps working, writes into allocated
+/// blocks still succeed, and the capture log still replays to the disk's
+/// exact bytes, including the part of the failed write that did land.
+fn full_backing_file_system(filter_args: &[&str]) {
+    require_tools(&["qemu-io", "mount", "umount"]);
+    let dir = scratch();
+    let small = dir.path().join("small");
+    std::fs::create_dir(&small).expect("create the mount point");
+    let mount = Mount::new(
+        Path::new("tmpfs"),
+        &small,
+        &["-t", "tmpfs", "-o", "size=4m"],
+    );
+    let disk = small.join("disk.img");
+    sparse_file(&disk, 16 * MIB);
+    let capture = dir.path().join("capture.log");
+    let mut args = vec!["--capture-log", capture.to_str().expect("UTF-8 temp path")];
+    args.extend_from_slice(filter_args);
+    let filter = Filter::tcp(&disk, &args);
+
+    qemu_io_ok(&filter, &[], ["write -P 0x11 0 2M".to_string()]);
+    let seen = run_client(&mut qemu_io(
+        &filter.uri,
+        &[],
+        ["write -P 0x22 4M 8M".to_string()],
+    ));
+    let what = "a write larger than the room left did not fail with ENOSPC";
+    ensure(
+        &filter,
+        seen.text().contains("No space left on device"),
+        what,
+        &seen,
+    );
+    qemu_io_ok(
+        &filter,
+        &[],
+        [
+            "write -P 0x33 0 1M".to_string(),
+            "read -P 0x33 0 1M".to_string(),
+            "read -P 0x11 1M 1M".to_string(),
+        ],
+    );
+    let log = filter.stop_ok();
+    assert!(
+        log.contains("No space left on device"),
+        "the filter did not log the failed write:\n{log}"
+    );
+    let landed = read_all(&disk)[4 * MIB as usize..12 * MIB as usize]
+        .iter()
+        .filter(|&&b| b == 0x22)
+        .count();
+    assert!(
+        landed > 0,
+        "no byte of the failed write reached the disk, so this test shows nothing"
+    );
+    assert_replays_to(&capture, &disk, dir.path());
+    mount.unmount();
+}

@@ -17,6 +17,10 @@ use crate::range_lock::RangeLock;
 /// for servers that want every client to work is 32 MiB).
 pub const MAX_PAYLOAD: u32 = 32 << 20;
 
+/// Largest read [`ProtectedDisk::record_contents`] makes at once, so that
+/// capturing a long range does not hold all of it in memory.
+const CONTENTS_READ: u64 = 4 << 20;
+
 #[derive(Debug)]
 pub struct ProtectedDisk {
     backing: Backing,
@@ -39,14 +43,21 @@ impl ProtectedDisk {
     }
 
     /// Copies `[offset, offset + len)` of the disk, as it is now, into the
-    /// capture stream: the full sync. Holes and all-zero 4 KiB blocks become
-    /// `Zero` records, everything else `Write` records. The range is locked
-    /// like a write, so a client write to it lands either wholly before the
-    /// read (and the read sees it) or wholly after the records (and has a
-    /// higher sequence number): the stream stays exact.
+    /// capture stream: the full sync. The range is locked like a write, so a
+    /// client write to it lands either wholly before the read (and the read
+    /// sees it) or wholly after the records (and has a higher sequence
+    /// number): the stream stays exact.
     pub async fn capture_contents(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
         let (start, end) = self.backing.touched_range(offset, len);
         let _turn = self.changes.lock(start, end).await;
+        self.record_contents(offset, len).await
+    }
+
+    /// Captures what `[offset, offset + len)` holds now, for a caller that
+    /// holds its range lock: holes and all-zero 4 KiB blocks as `Zero`
+    /// records, everything else as `Write` records, read at most
+    /// [`CONTENTS_READ`] at a time.
+    async fn record_contents(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
         let io_err = |op| {
             move |source| DeviceError::Io {
                 op,
@@ -70,10 +81,15 @@ impl ProtectedDisk {
                 if run.hole {
                     self.capture(RecordKind::Zero, false, pos, run.length, Bytes::new())
                         .await?;
-                } else {
+                    pos += run.length;
+                    continue;
+                }
+                let run_end = pos + run.length;
+                while pos < run_end {
+                    let step = (run_end - pos).min(CONTENTS_READ);
                     let data = self
                         .backing
-                        .read(pos, run.length as usize)
+                        .read(pos, step as usize)
                         .await
                         .map_err(io_err("read"))?;
                     for piece in split_zero_blocks(pos, data) {
@@ -88,11 +104,29 @@ impl ProtectedDisk {
                             }
                         }
                     }
+                    pos += step;
                 }
-                pos += run.length;
             }
         }
         Ok(())
+    }
+
+    /// After a change failed (its range still locked): a failed write or
+    /// zeroing may have changed part of its range (a short write on a full
+    /// file system), and the client was not told which part. Capturing the
+    /// range as it now is keeps the stream equal to the disk; the failure
+    /// itself is the caller's to report.
+    async fn record_after_failure(&self, op: &str, offset: u64, len: u64) {
+        if let Err(e) = self.record_contents(offset, len).await {
+            tracing::error!(
+                op,
+                offset,
+                len,
+                error = %e,
+                "a failed change could not be read back: the captured stream may differ \
+                 from the disk in this range until it is written again"
+            );
+        }
     }
 
     /// fdatasync of the backing disk: every change completed before the call
@@ -155,31 +189,30 @@ impl ProtectedDisk {
         } else {
             "write zeroes"
         };
-        match self
+        let io_err = |op| {
+            move |source| DeviceError::Io {
+                op,
+                offset,
+                len,
+                source,
+            }
+        };
+        let done = match self
             .backing
             .zero(offset, len, mode.keep_allocated, mode.fast_only)
             .await
         {
             Err(e) if mode.fast_only && e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                // Refused before anything was changed.
                 return Err(DeviceError::SlowZero { offset, len });
             }
-            result => result.map_err(|source| DeviceError::Io {
-                op,
-                offset,
-                len,
-                source,
-            })?,
-        }
-        if fua {
-            self.backing
-                .flush()
-                .await
-                .map_err(|source| DeviceError::Io {
-                    op: "flush",
-                    offset,
-                    len,
-                    source,
-                })?;
+            Err(source) => Err(io_err(op)(source)),
+            Ok(()) if fua => self.backing.flush().await.map_err(io_err("flush")),
+            Ok(()) => Ok(()),
+        };
+        if let Err(e) = done {
+            self.record_after_failure(op, offset, len).await;
+            return Err(e);
         }
         self.capture(kind, fua, offset, len, Bytes::new()).await
     }
@@ -222,15 +255,15 @@ impl BlockDevice for ProtectedDisk {
         let len = data.len() as u64;
         let (start, end) = self.backing.touched_range(offset, len);
         let _turn = self.changes.lock(start, end).await;
-        self.backing
-            .write(offset, data.clone(), fua)
-            .await
-            .map_err(|source| DeviceError::Io {
+        if let Err(source) = self.backing.write(offset, data.clone(), fua).await {
+            self.record_after_failure("write", offset, len).await;
+            return Err(DeviceError::Io {
                 op: "write",
                 offset,
                 len,
                 source,
-            })?;
+            });
+        }
         self.capture(RecordKind::Write, fua, offset, len, data)
             .await
     }
