@@ -72,6 +72,61 @@ fn target_killed_mid_stream_and_restarted_loses_nothing() {
     drop(target);
 }
 
+/// Case 1b: the target's file system fills up during the full sync. The
+/// target says so (segment path, offset, "No space left on device") and
+/// acknowledges nothing it could not journal; protect keeps its batches and
+/// retries, backing off, while a writer keeps writing. Once the file system
+/// has room, the target reopens its journal at the next attempt (cutting the
+/// torn entry off) and goes on; the replica equals the disk.
+#[test]
+fn a_full_journal_file_system_loses_nothing() {
+    require_tools(&["qemu-io", "mount", "umount"]);
+    let lab = Lab::new();
+    std::fs::create_dir(&lab.target_dir).expect("create the target directory");
+    let mount = Mount::new(
+        std::path::Path::new("tmpfs"),
+        &lab.target_dir,
+        &["-t", "tmpfs", "-o", "size=1m"],
+    );
+    let disk = lab.disk("disk.img", 11);
+    let initial = read_all(&disk);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let target = lab.target(&listen);
+    let protect = lab.protect(&disk, &listen);
+    let writer = Writer::start(&lab.workload, protect.uri(), 0);
+    let patience = Duration::from_secs(60);
+    wait_for_log(&lab, patience, "No space left on device", || target.log());
+    sleep_ms(1500);
+    if !lab.points().is_empty() {
+        lab.fail("a point was listed although the full sync could not be journaled");
+    }
+    let attempts = count(&target.log(), "source connection ended");
+    if attempts > 10 {
+        lab.fail(format!(
+            "protect came back {attempts} times in 1.5 s to a target that fails every append; \
+             it should back off"
+        ));
+    }
+    crate::common::run(
+        std::process::Command::new("mount")
+            .args(["-o", "remount,size=64m"])
+            .arg(&lab.target_dir),
+    );
+    lab.wait_for_points(1);
+    wait_for_log(
+        &lab,
+        patience,
+        "reopening the journal after a failed append",
+        || target.log(),
+    );
+    sleep_ms(700);
+    let ops = lab.finish(writer);
+    lab.stop_ok(protect);
+    lab.check_replica(&disk, Some((&initial, ops)));
+    drop(target);
+    mount.unmount();
+}
+
 /// Case 2: a proxy between protect and target cuts the connection mid-frame,
 /// and goes away and comes back, three times while a writer keeps writing.
 #[test]

@@ -149,37 +149,45 @@ pub async fn run(
                 last_seq,
             });
         }
-        match state.connect().await {
+        let retry = match state.connect().await {
             Ok((stream, session)) => {
-                backoff = Duration::from_millis(100);
+                let acked_before = state.acked_next;
                 match state
                     .stream(stream, session, &mut batches, &mut input_open)
                     .await
                 {
-                    Ok(()) => {}
+                    Ok(()) => None,
                     Err(StreamEnd::Fatal(e)) => return Err(e),
-                    Err(StreamEnd::Lost(e)) => {
-                        tracing::warn!("connection to the target lost: {e}; reconnecting")
+                    // A session that got something acknowledged reconnects
+                    // at once; one that did not (a target that admits us and
+                    // then fails every append, say) backs off like a target
+                    // that cannot be reached.
+                    Err(StreamEnd::Lost(e)) if state.acked_next > acked_before => {
+                        backoff = Duration::from_millis(100);
+                        tracing::warn!("connection to the target lost: {e}; reconnecting");
+                        None
                     }
+                    Err(StreamEnd::Lost(e)) => Some(format!("connection to the target lost: {e}")),
                 }
             }
             Err(StreamEnd::Fatal(e)) => return Err(e),
-            Err(StreamEnd::Lost(e)) => {
-                tracing::warn!(target = %state.config.target, "cannot reach the target: {e}; retrying in {backoff:?}");
-                // Keep taking batches while disconnected, up to the budget.
-                let wait = tokio::time::sleep(backoff);
-                tokio::pin!(wait);
-                loop {
-                    tokio::select! {
-                        () = &mut wait => break,
-                        batch = batches.recv(), if input_open && state.has_room() => match batch {
-                            Some((batch, cut_ns)) => state.enqueue(batch, cut_ns),
-                            None => input_open = false,
-                        },
-                    }
+            Err(StreamEnd::Lost(e)) => Some(format!("cannot reach the target: {e}")),
+        };
+        if let Some(why) = retry {
+            tracing::warn!(target = %state.config.target, "{why}; retrying in {backoff:?}");
+            // Keep taking batches while disconnected, up to the budget.
+            let wait = tokio::time::sleep(backoff);
+            tokio::pin!(wait);
+            loop {
+                tokio::select! {
+                    () = &mut wait => break,
+                    batch = batches.recv(), if input_open && state.has_room() => match batch {
+                        Some((batch, cut_ns)) => state.enqueue(batch, cut_ns),
+                        None => input_open = false,
+                    },
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
         if !input_open && drain_deadline.is_none() {
             drain_deadline = Some(Instant::now() + state.config.drain_timeout);

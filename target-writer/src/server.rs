@@ -177,6 +177,25 @@ fn open_existing(config: &TargetConfig) -> Result<Option<Journal>, TargetError> 
     Ok(Some(journal))
 }
 
+/// Reopens the journal if an append failed (a full file system, say): the
+/// reopen cuts the torn entry off, so a source that comes back once there is
+/// room carries on without a restart of the target. If the reopen fails, the
+/// connection ends (the source retries later) and the next one tries again.
+fn reopen_if_failed(config: &TargetConfig, journal: &SharedJournal) -> Result<(), JournalError> {
+    let mut journal = journal.lock().unwrap_or_else(PoisonError::into_inner);
+    let Some(failed) = journal.take_if(|j| j.append_failed()) else {
+        return Ok(());
+    };
+    let (disk_id, disk_size) = (failed.disk_id(), failed.disk_size());
+    // Dropped first: it holds the directory lock the reopen takes.
+    drop(failed);
+    tracing::info!("reopening the journal after a failed append");
+    let (reopened, report) = Journal::open(&config.dir, disk_id, disk_size, config.journal)?;
+    tracing::info!(points = reopened.points().len(), last_seq = ?reopened.last_seq(), ?report, "journal open");
+    *journal = Some(reopened);
+    Ok(())
+}
+
 /// What a source connection shares with the rest of the target.
 struct Source<'a> {
     config: &'a TargetConfig,
@@ -197,6 +216,7 @@ async fn serve_source(
         roller,
     } = source;
     stream.set_nodelay(true).map_err(SessionError::from)?;
+    reopen_if_failed(config, journal)?;
     let mut replaced = None;
     let handshake = session::accept(&mut stream, &config.key, |hello| {
         let state = admit(config, journal, hello)?;

@@ -99,6 +99,18 @@ impl Journal {
         Ok(removable)
     }
 
+    /// Whether an append failed, so that the journal takes no more until
+    /// it is reopened (which cuts the failed entry off).
+    pub fn append_failed(&self) -> bool {
+        matches!(
+            &self.writer,
+            Some(Writer {
+                failed: Some(_),
+                ..
+            })
+        )
+    }
+
     /// The writer, if the journal takes appends.
     fn writer(&self) -> Result<&Writer, JournalError> {
         match &self.writer {
