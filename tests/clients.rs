@@ -8,6 +8,7 @@ mod support;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -566,5 +567,90 @@ fn full_backing_file_system(filter_args: &[&str]) {
         "no byte of the failed write reached the disk, so this test shows nothing"
     );
     assert_replays_to(&capture, &disk, dir.path());
+    mount.unmount();
+}
+
+/// The capture log on a 1 MiB tmpfs. When it fills, the filter stops with
+/// the log's path and the error in its log and a failed exit status; what
+/// the log holds still replays (a clean prefix of the stream), and the
+/// backing disk holds every write the client saw acknowledged.
+#[test]
+fn a_full_capture_log_file_system_stops_the_filter_with_a_clear_error() {
+    require_tools(&["qemu-io", "mount", "umount"]);
+    let (dir, disk) = blank_disk(16 * MIB);
+    let small = dir.path().join("small");
+    std::fs::create_dir(&small).expect("create the mount point");
+    let mount = Mount::new(
+        Path::new("tmpfs"),
+        &small,
+        &["-t", "tmpfs", "-o", "size=1m"],
+    );
+    let capture = small.join("capture.log");
+    let filter = Filter::tcp(
+        &disk,
+        &["--capture-log", capture.to_str().expect("UTF-8 temp path")],
+    );
+    let writes: Vec<String> = (0..8)
+        .map(|i| format!("write -P {} {}M 1M", 0x41 + i, i))
+        .collect();
+    let seen = run_client(&mut qemu_io(&filter.uri, &[], writes));
+    let stopped = retry(Duration::from_secs(30), || {
+        let log = filter.log();
+        log.contains("capture sink failed")
+            .then_some(log)
+            .ok_or_else(String::new)
+    });
+    let Ok(log) = stopped else {
+        panic!(
+            "the filter did not say its capture log failed\n{seen}\n--- filter log ---\n{}",
+            filter.log()
+        )
+    };
+    assert!(
+        log.contains(capture.to_str().expect("UTF-8 temp path"))
+            && log.contains("No space left on device"),
+        "the failure does not name the capture log and the error:\n{log}"
+    );
+    let (status, log) = filter.stop();
+    assert!(
+        !status.success(),
+        "the filter exited 0 after its capture log failed:\n{log}"
+    );
+    let backing = read_all(&disk);
+    let acknowledged: Vec<usize> = seen
+        .stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("wrote "))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .map(|offset| (offset / MIB) as usize)
+        .collect();
+    for &i in &acknowledged {
+        let region = &backing[i * MIB as usize..(i + 1) * MIB as usize];
+        let what = format!("write {i} was acknowledged but the backing disk does not hold it");
+        ensure(
+            log.as_str(),
+            region.iter().all(|&b| b == 0x41 + i as u8),
+            &what,
+            &seen,
+        );
+    }
+    let replayed = dir.path().join("replayed.img");
+    let replay = run_client(
+        cdp()
+            .args(["replay", "--capture-log"])
+            .arg(&capture)
+            .arg("--onto")
+            .arg(&replayed),
+    );
+    let what = "the capture log the filter left does not replay";
+    ensure(log.as_str(), replay.status.success(), what, &replay);
+    let image = read_all(&replayed);
+    for i in 0..8 {
+        let region = &image[i * MIB as usize..(i + 1) * MIB as usize];
+        let whole = region.iter().all(|&b| b == 0x41 + i as u8) || region.iter().all(|&b| b == 0);
+        let what =
+            format!("the replayed image holds part of write {i}: not a prefix of the stream");
+        ensure(log.as_str(), whole, &what, &replay);
+    }
     mount.unmount();
 }
