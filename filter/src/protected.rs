@@ -6,6 +6,8 @@
 //! A tagged barrier ([`ProtectedDisk::tagged_barrier`]) marks an
 //! application-consistent point in the stream.
 
+use std::io;
+
 use bytes::Bytes;
 
 use crate::backing::Backing;
@@ -58,14 +60,6 @@ impl ProtectedDisk {
     /// records, everything else as `Write` records, read at most
     /// [`CONTENTS_READ`] at a time.
     async fn record_contents(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
-        let io_err = |op| {
-            move |source| DeviceError::Io {
-                op,
-                offset,
-                len,
-                source,
-            }
-        };
         let end = offset + len;
         let mut pos = offset;
         while pos < end {
@@ -73,7 +67,7 @@ impl ProtectedDisk {
                 .backing
                 .extents(pos, end - pos)
                 .await
-                .map_err(io_err("block status"))?;
+                .map_err(io_error("block status", offset, len))?;
             if runs.is_empty() {
                 break;
             }
@@ -91,7 +85,7 @@ impl ProtectedDisk {
                         .backing
                         .read(pos, step as usize)
                         .await
-                        .map_err(io_err("read"))?;
+                        .map_err(io_error("read", offset, len))?;
                     for piece in split_zero_blocks(pos, data) {
                         match piece {
                             Piece::Data(at, data) => {
@@ -132,15 +126,7 @@ impl ProtectedDisk {
     /// fdatasync of the backing disk: every change completed before the call
     /// is durable.
     async fn flush_backing(&self) -> Result<(), DeviceError> {
-        self.backing
-            .flush()
-            .await
-            .map_err(|source| DeviceError::Io {
-                op: "flush",
-                offset: 0,
-                len: 0,
-                source,
-            })
+        self.backing.flush().await.map_err(io_error("flush", 0, 0))
     }
 
     /// Inserts an application-consistent point: flushes the backing disk
@@ -189,14 +175,6 @@ impl ProtectedDisk {
         } else {
             "write zeroes"
         };
-        let io_err = |op| {
-            move |source| DeviceError::Io {
-                op,
-                offset,
-                len,
-                source,
-            }
-        };
         let done = match self
             .backing
             .zero(offset, len, mode.keep_allocated, mode.fast_only)
@@ -206,8 +184,12 @@ impl ProtectedDisk {
                 // Refused before anything was changed.
                 return Err(DeviceError::SlowZero { offset, len });
             }
-            Err(source) => Err(io_err(op)(source)),
-            Ok(()) if fua => self.backing.flush().await.map_err(io_err("flush")),
+            Err(source) => Err(io_error(op, offset, len)(source)),
+            Ok(()) if fua => self
+                .backing
+                .flush()
+                .await
+                .map_err(io_error("flush", offset, len)),
             Ok(()) => Ok(()),
         };
         if let Err(e) = done {
@@ -243,12 +225,7 @@ impl BlockDevice for ProtectedDisk {
         self.backing
             .read(offset, len as usize)
             .await
-            .map_err(|source| DeviceError::Io {
-                op: "read",
-                offset,
-                len: len.into(),
-                source,
-            })
+            .map_err(io_error("read", offset, len.into()))
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), DeviceError> {
@@ -257,12 +234,7 @@ impl BlockDevice for ProtectedDisk {
         let _turn = self.changes.lock(start, end).await;
         if let Err(source) = self.backing.write(offset, data.clone(), fua).await {
             self.record_after_failure("write", offset, len).await;
-            return Err(DeviceError::Io {
-                op: "write",
-                offset,
-                len,
-                source,
-            });
+            return Err(io_error("write", offset, len)(source));
         }
         self.capture(RecordKind::Write, fua, offset, len, data)
             .await
@@ -292,24 +264,24 @@ impl BlockDevice for ProtectedDisk {
     async fn cache(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
         self.backing
             .prefetch(offset, len)
-            .map_err(|source| DeviceError::Io {
-                op: "cache",
-                offset,
-                len,
-                source,
-            })
+            .map_err(io_error("cache", offset, len))
     }
 
     async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DeviceError> {
         self.backing
             .extents(offset, len)
             .await
-            .map_err(|source| DeviceError::Io {
-                op: "block status",
-                offset,
-                len,
-                source,
-            })
+            .map_err(io_error("block status", offset, len))
+    }
+}
+
+/// Makes an I/O error of `op` on `[offset, offset + len)` a device error.
+fn io_error(op: &'static str, offset: u64, len: u64) -> impl FnOnce(io::Error) -> DeviceError {
+    move |source| DeviceError::Io {
+        op,
+        offset,
+        len,
+        source,
     }
 }
 
