@@ -518,12 +518,7 @@ fn full_backing_file_system(filter_args: &[&str]) {
     require_tools(&["qemu-io", "mount", "umount"]);
     let dir = scratch();
     let small = dir.path().join("small");
-    std::fs::create_dir(&small).expect("create the mount point");
-    let mount = Mount::new(
-        Path::new("tmpfs"),
-        &small,
-        &["-t", "tmpfs", "-o", "size=4m"],
-    );
+    let mount = Mount::tmpfs(&small, "4m");
     let disk = small.join("disk.img");
     sparse_file(&disk, 16 * MIB);
     let capture = dir.path().join("capture.log");
@@ -579,12 +574,7 @@ fn a_full_capture_log_file_system_stops_the_filter_with_a_clear_error() {
     require_tools(&["qemu-io", "mount", "umount"]);
     let (dir, disk) = blank_disk(16 * MIB);
     let small = dir.path().join("small");
-    std::fs::create_dir(&small).expect("create the mount point");
-    let mount = Mount::new(
-        Path::new("tmpfs"),
-        &small,
-        &["-t", "tmpfs", "-o", "size=1m"],
-    );
+    let mount = Mount::tmpfs(&small, "1m");
     let capture = small.join("capture.log");
     let filter = Filter::tcp(
         &disk,

@@ -82,12 +82,7 @@ fn target_killed_mid_stream_and_restarted_loses_nothing() {
 fn a_full_journal_file_system_loses_nothing() {
     require_tools(&["qemu-io", "mount", "umount"]);
     let lab = Lab::new();
-    std::fs::create_dir(&lab.target_dir).expect("create the target directory");
-    let mount = Mount::new(
-        std::path::Path::new("tmpfs"),
-        &lab.target_dir,
-        &["-t", "tmpfs", "-o", "size=1m"],
-    );
+    let mount = Mount::tmpfs(&lab.target_dir, "1m");
     let disk = lab.disk("disk.img", 11);
     let initial = read_all(&disk);
     let listen = format!("127.0.0.1:{}", free_port());

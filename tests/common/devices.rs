@@ -90,6 +90,14 @@ impl Mount {
         }
     }
 
+    /// A tmpfs of `size` (as `mount -o size=` takes it, e.g. `1m`) at
+    /// `target`, made if missing: a file system that fills up on cue.
+    pub fn tmpfs(target: &Path, size: &str) -> Mount {
+        std::fs::create_dir_all(target).expect("create the mount point");
+        let options = format!("size={size}");
+        Mount::new(Path::new("tmpfs"), target, &["-t", "tmpfs", "-o", &options])
+    }
+
     /// Unmounts, asserting that a plain `umount` worked (within 10 s).
     pub fn unmount(mut self) {
         if let Err(e) = self.release() {
