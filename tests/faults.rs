@@ -122,6 +122,56 @@ fn a_full_journal_file_system_loses_nothing() {
     mount.unmount();
 }
 
+/// Case 1c: the first long-term roll runs out of room halfway through its
+/// image. The target logs it and keeps journaling; once the file system has
+/// room, the next attempt succeeds without a restart (a failed roll must not
+/// leave its half-written image in the way), and every point, long-term ones
+/// included, restores exactly.
+#[test]
+fn a_roll_that_runs_out_of_room_is_retried_once_there_is_room() {
+    require_tools(&["qemu-io", "mount", "umount"]);
+    let lab = Lab::new();
+    let mount = Mount::tmpfs(&lab.target_dir, "3m");
+    let disk = lab.disk("disk.img", 13);
+    let initial = read_all(&disk);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let dir = lab.target_dir.to_str().expect("UTF-8 path");
+    let key = lab.key.to_str().expect("UTF-8 path");
+    let target = lab.start(
+        "target",
+        &[
+            "--listen",
+            &listen,
+            "--dir",
+            dir,
+            "--key",
+            key,
+            "--long-term-every",
+            "1s",
+        ],
+    );
+    let protect = lab.protect(&disk, &listen);
+    let writer = Writer::start(&lab.workload, protect.uri(), 0);
+    let patience = Duration::from_secs(60);
+    wait_for_log(&lab, patience, "long-term work failed", || target.log());
+    sleep_ms(1500);
+    if target.log().contains("long-term point made") {
+        lab.fail("a long-term point was made on a file system without room for it");
+    }
+    crate::common::run(
+        std::process::Command::new("mount")
+            .args(["-o", "remount,size=64m"])
+            .arg(&lab.target_dir),
+    );
+    wait_for_log(&lab, patience, "long-term point made", || target.log());
+    sleep_ms(700);
+    let ops = lab.finish(writer);
+    lab.stop_ok(protect);
+    lab.check_replica(&disk, Some((&initial, ops)));
+    drop(target);
+    mount.unmount();
+}
+
 /// Case 2: a proxy between protect and target cuts the connection mid-frame,
 /// and goes away and comes back, three times while a writer keeps writing.
 #[test]

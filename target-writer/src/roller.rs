@@ -148,6 +148,11 @@ impl Worker {
         loop {
             if let Err(e) = self.step() {
                 tracing::error!("long-term work failed, retrying later: {e}");
+                // A failed step is handled like a crash: the store is opened
+                // again next round, and opening removes what the step left
+                // half done (a partial image would otherwise stand in the
+                // way of every retry, and hold on to its space).
+                self.store = None;
             }
             let state = self
                 .signal
