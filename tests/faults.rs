@@ -102,11 +102,7 @@ fn a_full_journal_file_system_loses_nothing() {
              it should back off"
         ));
     }
-    crate::common::run(
-        std::process::Command::new("mount")
-            .args(["-o", "remount,size=64m"])
-            .arg(&lab.target_dir),
-    );
+    mount.resize_tmpfs("64m");
     lab.wait_for_points(1);
     wait_for_log(
         &lab,
@@ -158,11 +154,7 @@ fn a_roll_that_runs_out_of_room_is_retried_once_there_is_room() {
     if target.log().contains("long-term point made") {
         lab.fail("a long-term point was made on a file system without room for it");
     }
-    crate::common::run(
-        std::process::Command::new("mount")
-            .args(["-o", "remount,size=64m"])
-            .arg(&lab.target_dir),
-    );
+    mount.resize_tmpfs("64m");
     wait_for_log(&lab, patience, "long-term point made", || target.log());
     sleep_ms(700);
     let ops = lab.finish(writer);

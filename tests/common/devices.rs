@@ -98,6 +98,14 @@ impl Mount {
         Mount::new(Path::new("tmpfs"), target, &["-t", "tmpfs", "-o", &options])
     }
 
+    /// Gives a tmpfs a new size (`mount -o remount,size=SIZE`): room again.
+    pub fn resize_tmpfs(&self, size: &str) {
+        let options = format!("remount,size={size}");
+        run(Command::new("mount")
+            .args(["-o", &options])
+            .arg(&self.target));
+    }
+
     /// Unmounts, asserting that a plain `umount` worked (within 10 s).
     pub fn unmount(mut self) {
         if let Err(e) = self.release() {
