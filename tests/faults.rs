@@ -620,3 +620,49 @@ fn restores_before_the_first_point_or_of_unknown_points_fail_clearly() {
     }
     lab.check_replica(&disk, None);
 }
+
+/// A restore onto a file system without room for the image fails with the
+/// image's path and the cause, and leaves no partial image behind.
+#[test]
+fn a_restore_onto_a_full_file_system_fails_clearly_and_leaves_nothing() {
+    require_tools(&["qemu-io", "mount", "umount"]);
+    let lab = Lab::new();
+    let disk = lab.disk("disk.img", 17);
+    let target = lab.target("127.0.0.1:0");
+    lab.protect_run(&target.addr, &disk, 0, 1);
+    let newest = lab
+        .points()
+        .last()
+        .unwrap_or_else(|| lab.fail("the target holds no restore point"))
+        .id
+        .to_string();
+    let small = lab.path("small");
+    let mount = Mount::tmpfs(&small, "1m");
+    let out = small.join("restored.img");
+    let out_arg = out.to_str().expect("UTF-8 path");
+    let output = lab.cdp(&[
+        "restore",
+        "--dir",
+        lab.target_dir.to_str().expect("UTF-8 path"),
+        "--at",
+        &newest,
+        "--out",
+        out_arg,
+        "--key",
+        lab.key.to_str().expect("UTF-8 path"),
+    ]);
+    let seen = text(&output);
+    if output.status.success()
+        || !seen.contains(out_arg)
+        || !seen.contains("No space left on device")
+    {
+        lab.fail(format!(
+            "cdp restore onto a full file system: {}; expected its path and the cause in:\n{seen}",
+            output.status
+        ));
+    }
+    if out.exists() {
+        lab.fail("the failed restore left a partial image behind");
+    }
+    mount.unmount();
+}
