@@ -417,14 +417,7 @@ fn capture_log_replays_onto_a_blank_image_to_the_same_bytes() {
 
     let fresh = dir.path().join("fresh.img");
     sparse_file(&fresh, 64 * MIB);
-    let replay = run_ok(
-        log.as_str(),
-        cdp()
-            .args(["replay", "--capture-log"])
-            .arg(&capture)
-            .arg("--onto")
-            .arg(&fresh),
-    );
+    let replay = run_ok(log.as_str(), &mut replay(&capture, &fresh));
     let what = "replay found a torn record in a log the filter closed cleanly";
     ensure(log.as_str(), !replay.stderr.contains("torn"), what, &replay);
     let what = format!(
@@ -625,13 +618,7 @@ fn a_full_capture_log_file_system_stops_the_filter_with_a_clear_error() {
         );
     }
     let replayed = dir.path().join("replayed.img");
-    let replay = run_client(
-        cdp()
-            .args(["replay", "--capture-log"])
-            .arg(&capture)
-            .arg("--onto")
-            .arg(&replayed),
-    );
+    let replay = run_client(&mut replay(&capture, &replayed));
     let what = "the capture log the filter left does not replay";
     ensure(log.as_str(), replay.status.success(), what, &replay);
     let image = read_all(&replayed);

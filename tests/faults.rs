@@ -80,42 +80,24 @@ fn target_killed_mid_stream_and_restarted_loses_nothing() {
 /// torn entry off) and goes on; the replica equals the disk.
 #[test]
 fn a_full_journal_file_system_loses_nothing() {
-    require_tools(&["qemu-io", "mount", "umount"]);
-    let lab = Lab::new();
-    let mount = Mount::tmpfs(&lab.target_dir, "1m");
-    let disk = lab.disk("disk.img", 11);
-    let initial = read_all(&disk);
-    let listen = format!("127.0.0.1:{}", free_port());
-    let target = lab.target(&listen);
-    let protect = lab.protect(&disk, &listen);
-    let writer = Writer::start(&lab.workload, protect.uri(), 0);
-    let patience = Duration::from_secs(60);
-    wait_for_log(&lab, patience, "No space left on device", || target.log());
+    let run = FillingTarget::start("1m", &[], 11);
+    run.wait_for_target_log("No space left on device");
     sleep_ms(1500);
-    if !lab.points().is_empty() {
-        lab.fail("a point was listed although the full sync could not be journaled");
+    if !run.lab.points().is_empty() {
+        run.lab
+            .fail("a point was listed although the full sync could not be journaled");
     }
-    let attempts = count(&target.log(), "source connection ended");
+    let attempts = count(&run.target.log(), "source connection ended");
     if attempts > 10 {
-        lab.fail(format!(
+        run.lab.fail(format!(
             "protect came back {attempts} times in 1.5 s to a target that fails every append; \
              it should back off"
         ));
     }
-    mount.resize_tmpfs("64m");
-    lab.wait_for_points(1);
-    wait_for_log(
-        &lab,
-        patience,
-        "reopening the journal after a failed append",
-        || target.log(),
-    );
-    sleep_ms(700);
-    let ops = lab.finish(writer);
-    lab.stop_ok(protect);
-    lab.check_replica(&disk, Some((&initial, ops)));
-    drop(target);
-    mount.unmount();
+    run.mount.resize_tmpfs("64m");
+    run.lab.wait_for_points(1);
+    run.wait_for_target_log("reopening the journal after a failed append");
+    run.finish();
 }
 
 /// Case 1c: the first long-term roll runs out of room halfway through its
@@ -125,43 +107,76 @@ fn a_full_journal_file_system_loses_nothing() {
 /// included, restores exactly.
 #[test]
 fn a_roll_that_runs_out_of_room_is_retried_once_there_is_room() {
-    require_tools(&["qemu-io", "mount", "umount"]);
-    let lab = Lab::new();
-    let mount = Mount::tmpfs(&lab.target_dir, "3m");
-    let disk = lab.disk("disk.img", 13);
-    let initial = read_all(&disk);
-    let listen = format!("127.0.0.1:{}", free_port());
-    let dir = lab.target_dir.to_str().expect("UTF-8 path");
-    let key = lab.key.to_str().expect("UTF-8 path");
-    let target = lab.start(
-        "target",
-        &[
-            "--listen",
-            &listen,
-            "--dir",
-            dir,
-            "--key",
-            key,
-            "--long-term-every",
-            "1s",
-        ],
-    );
-    let protect = lab.protect(&disk, &listen);
-    let writer = Writer::start(&lab.workload, protect.uri(), 0);
-    let patience = Duration::from_secs(60);
-    wait_for_log(&lab, patience, "long-term work failed", || target.log());
+    let run = FillingTarget::start("3m", &["--long-term-every", "1s"], 13);
+    run.wait_for_target_log("long-term work failed");
     sleep_ms(1500);
-    if target.log().contains("long-term point made") {
-        lab.fail("a long-term point was made on a file system without room for it");
+    if run.target.log().contains("long-term point made") {
+        run.lab
+            .fail("a long-term point was made on a file system without room for it");
     }
-    mount.resize_tmpfs("64m");
-    wait_for_log(&lab, patience, "long-term point made", || target.log());
-    sleep_ms(700);
-    let ops = lab.finish(writer);
-    lab.stop_ok(protect);
-    lab.check_replica(&disk, Some((&initial, ops)));
-    drop(target);
-    mount.unmount();
+    run.mount.resize_tmpfs("64m");
+    run.wait_for_target_log("long-term point made");
+    run.finish();
+}
+
+/// Cases 1b and 1c: protect replicating a disk, with a writer writing, to a
+/// target whose directory is a tmpfs small enough to fill up. Fields drop in
+/// order: the writer, protect, the target, then the mount, then the lab.
+struct FillingTarget {
+    writer: Writer,
+    protect: support::Daemon,
+    target: support::Daemon,
+    mount: Mount,
+    disk: std::path::PathBuf,
+    initial: Vec<u8>,
+    lab: Lab,
+}
+
+impl FillingTarget {
+    /// A tmpfs of `size` for the target (started with `target_args` too), a
+    /// disk seeded with `seed`, protect and a writer.
+    fn start(size: &str, target_args: &[&str], seed: u64) -> FillingTarget {
+        require_tools(&["qemu-io", "mount", "umount"]);
+        let lab = Lab::new();
+        let mount = Mount::tmpfs(&lab.target_dir, size);
+        let disk = lab.disk("disk.img", seed);
+        let initial = read_all(&disk);
+        let listen = format!("127.0.0.1:{}", free_port());
+        let dir = lab.target_dir.to_str().expect("UTF-8 path");
+        let key = lab.key.to_str().expect("UTF-8 path");
+        let mut args = vec!["--listen", &listen, "--dir", dir, "--key", key];
+        args.extend_from_slice(target_args);
+        let target = lab.start("target", &args);
+        let protect = lab.protect(&disk, &listen);
+        let writer = Writer::start(&lab.workload, protect.uri(), 0);
+        FillingTarget {
+            writer,
+            protect,
+            target,
+            mount,
+            disk,
+            initial,
+            lab,
+        }
+    }
+
+    fn wait_for_target_log(&self, needle: &str) {
+        wait_for_log(&self.lab, Duration::from_secs(60), needle, || {
+            self.target.log()
+        });
+    }
+
+    /// Stops the writer and protect, checks the replica against the disk
+    /// and every point against the writer's model, and unmounts.
+    fn finish(self) {
+        sleep_ms(700);
+        let lab = &self.lab;
+        let ops = lab.finish(self.writer);
+        lab.stop_ok(self.protect);
+        lab.check_replica(&self.disk, Some((&self.initial, ops)));
+        drop(self.target);
+        self.mount.unmount();
+    }
 }
 
 /// Case 2: a proxy between protect and target cuts the connection mid-frame,

@@ -172,9 +172,19 @@ fn open_existing(config: &TargetConfig) -> Result<Option<Journal>, TargetError> 
     let Some((disk_id, disk_size)) = Journal::identity_of(&config.dir)? else {
         return Ok(None);
     };
+    Ok(Some(open_journal(config, disk_id, disk_size)?))
+}
+
+/// Opens (recovering) the journal of the disk `disk_id` and logs where it
+/// stands.
+fn open_journal(
+    config: &TargetConfig,
+    disk_id: [u8; 16],
+    disk_size: u64,
+) -> Result<Journal, JournalError> {
     let (journal, report) = Journal::open(&config.dir, disk_id, disk_size, config.journal)?;
     tracing::info!(points = journal.points().len(), last_seq = ?journal.last_seq(), ?report, "journal open");
-    Ok(Some(journal))
+    Ok(journal)
 }
 
 /// Reopens the journal if an append failed (a full file system, say): the
@@ -190,9 +200,7 @@ fn reopen_if_failed(config: &TargetConfig, journal: &SharedJournal) -> Result<()
     // Dropped first: it holds the directory lock the reopen takes.
     drop(failed);
     tracing::info!("reopening the journal after a failed append");
-    let (reopened, report) = Journal::open(&config.dir, disk_id, disk_size, config.journal)?;
-    tracing::info!(points = reopened.points().len(), last_seq = ?reopened.last_seq(), ?report, "journal open");
-    *journal = Some(reopened);
+    *journal = Some(open_journal(config, disk_id, disk_size)?);
     Ok(())
 }
 

@@ -148,13 +148,19 @@ pub fn first_difference(x: &[u8], y: &[u8]) -> Option<usize> {
 /// must give `disk` byte for byte.
 pub fn assert_replays_to(capture: &Path, disk: &Path, dir: &Path) {
     let replayed = dir.join("replayed.img");
-    run(cdp()
-        .arg("replay")
+    run(&mut replay(capture, &replayed));
+    assert_same_bytes(disk, &replayed);
+}
+
+/// `cdp replay --capture-log CAPTURE --onto IMAGE`.
+pub fn replay(capture: &Path, image: &Path) -> Command {
+    let mut cmd = cdp();
+    cmd.arg("replay")
         .arg("--capture-log")
         .arg(capture)
         .arg("--onto")
-        .arg(&replayed));
-    assert_same_bytes(disk, &replayed);
+        .arg(image);
+    cmd
 }
 
 /// Asserts two files or devices hold the same bytes, naming the first difference.
