@@ -276,8 +276,8 @@ fn protect_killed_and_restarted_syncs_fully_and_keeps_old_points() {
     let log = wait_for_log(&lab, Duration::from_secs(20), "full sync complete", || {
         protect.log()
     });
-    if !log.contains("full sync: copying the whole disk") {
-        lab.fail("the restarted protect does not say it does a full sync");
+    if !log.contains("full sync: comparing the disk with the target's copy") {
+        lab.fail("the restarted protect does not say it compares with the target's copy");
     }
     let writer = Writer::start(&lab.workload, protect.uri(), ops + 1000);
     sleep_ms(1000);
@@ -490,10 +490,10 @@ fn a_torn_tail_is_cut_off_and_replication_continues() {
             "points before the tear: {before:?}\nafter: {after:?}"
         ));
     }
-    let protect_runs_before = count(&lab.logs(), "full sync: copying");
+    let syncs_before = count(&lab.logs(), "full sync: comparing");
     lab.protect_run(&target.addr, &disk, ops, 2);
-    if count(&lab.logs(), "full sync: copying") != protect_runs_before + 1 {
-        lab.fail("the new protect run did not do a full sync");
+    if count(&lab.logs(), "full sync: comparing") != syncs_before + 1 {
+        lab.fail("the new protect run did not compare the disk with the target's copy");
     }
     lab.check_replica(&disk, None);
 }

@@ -44,8 +44,9 @@ fn restores_at_each_pause_equal_the_disk_two_connections_throttled() {
 }
 
 /// Protect stopped and started again on the same disk and target: the new
-/// process syncs the whole disk again (which carries a change made while no
-/// protect ran), and the points of both runs restore exactly.
+/// process compares the disk with the target's copy while the workload
+/// writes (which carries a change made while no protect ran), and the
+/// points of both runs restore exactly.
 #[test]
 fn protect_restart_resyncs_and_keeps_earlier_points() {
     require_tools(&["python3"]);
@@ -75,6 +76,47 @@ fn protect_restart_resyncs_and_keeps_earlier_points() {
     }
     check_pauses(&repl, dir.path(), &first);
     check_pauses(&repl, dir.path(), &second);
+    check_newest_point(&repl, dir.path(), &disk);
+}
+
+/// A restarted protect copies only the chunks that differ from the target's
+/// copy: a change of 1 MiB + 777 bytes made while no protect ran touches
+/// exactly 17 chunks of 64 KiB, and that is all the second full sync ships.
+#[test]
+fn a_restarted_protect_copies_only_the_chunks_that_differ() {
+    let dir = scratch();
+    let disk = dir.path().join("disk.img");
+    prefilled_disk(&disk, 9);
+    let mut repl = Replication::start(dir.path(), &disk, &["--rpo", RPO]);
+    repl.protect().wait_for_log("full sync complete", PATIENCE);
+    repl.stop_protect();
+    if !repl
+        .protect_log
+        .contains("full sync: copying the whole disk")
+    {
+        repl.fail("the first protect run did not copy the whole disk");
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk)
+        .and_then(|f| f.write_all_at(&pseudo_random(MIB as usize + 777, 67), 5 * MIB + 3))
+        .expect("change the disk between runs");
+    repl.start_protect();
+    let synced = repl.protect().wait_for_log("full sync complete", PATIENCE);
+    repl.stop_protect();
+    if !repl
+        .protect_log
+        .contains("full sync: comparing the disk with the target's copy")
+    {
+        repl.fail("the second protect run did not compare with the target's copy");
+    }
+    let chunks = EXACT_DISK / (64 << 10);
+    let expected = format!("chunks={chunks} differing=17 bytes={}", 17 << 16);
+    if !synced.contains(&expected) {
+        repl.fail(&format!(
+            "the second full sync should report {expected:?}; it logged {synced:?}"
+        ));
+    }
     check_newest_point(&repl, dir.path(), &disk);
 }
 

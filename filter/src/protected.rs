@@ -86,23 +86,67 @@ impl ProtectedDisk {
                         .read(pos, step as usize)
                         .await
                         .map_err(io_error("read", offset, len))?;
-                    for piece in split_zero_blocks(pos, data) {
-                        match piece {
-                            Piece::Data(at, data) => {
-                                self.capture(RecordKind::Write, false, at, data.len() as u64, data)
-                                    .await?
-                            }
-                            Piece::Zero(at, len) => {
-                                self.capture(RecordKind::Zero, false, at, len, Bytes::new())
-                                    .await?
-                            }
-                        }
-                    }
+                    self.record_read(pos, data).await?;
                     pos += step;
                 }
             }
         }
         Ok(())
+    }
+
+    /// Captures `data`, read at `offset` under its range lock: all-zero
+    /// 4 KiB blocks as `Zero` records, everything else as `Write` records.
+    async fn record_read(&self, offset: u64, data: Bytes) -> Result<(), DeviceError> {
+        for piece in split_zero_blocks(offset, data) {
+            match piece {
+                Piece::Data(at, data) => {
+                    self.capture(RecordKind::Write, false, at, data.len() as u64, data)
+                        .await?
+                }
+                Piece::Zero(at, len) => {
+                    self.capture(RecordKind::Zero, false, at, len, Bytes::new())
+                        .await?
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Captures the chunks of `[offset, offset + len)` (at most
+    /// [`CONTENTS_READ`]) that differ from a copy elsewhere: the seeded full
+    /// sync. Reads the range under its range lock, as
+    /// [`Self::capture_contents`] does, so the stream stays exact; `differs`
+    /// (run on the blocking pool: it digests megabytes) says which of its
+    /// `chunk`-byte chunks (the last may be shorter) to capture, and those
+    /// are captured as they are now. Returns the bytes captured.
+    pub async fn capture_differing(
+        &self,
+        offset: u64,
+        len: u64,
+        chunk: u64,
+        differs: impl FnOnce(&[u8]) -> Vec<bool> + Send + 'static,
+    ) -> Result<u64, DeviceError> {
+        debug_assert!(len <= CONTENTS_READ && chunk > 0);
+        let (start, end) = self.backing.touched_range(offset, len);
+        let _turn = self.changes.lock(start, end).await;
+        let data = self
+            .backing
+            .read(offset, len as usize)
+            .await
+            .map_err(io_error("read", offset, len))?;
+        let read = data.clone();
+        let picked = tokio::task::spawn_blocking(move || differs(&read))
+            .await
+            .map_err(|e| io_error("compare", offset, len)(io::Error::other(e)))?;
+        let mut captured = 0;
+        for (i, _) in picked.iter().enumerate().filter(|(_, differs)| **differs) {
+            let from = (i as u64 * chunk).min(len);
+            let to = (from + chunk).min(len);
+            captured += to - from;
+            self.record_read(offset + from, data.slice(from as usize..to as usize))
+                .await?;
+        }
+        Ok(captured)
     }
 
     /// After a change failed (its range still locked): a failed write or

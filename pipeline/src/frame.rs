@@ -9,7 +9,8 @@
 //!   0  [u8; 4]  magic "CDPF"
 //!   4  u8       version (1)
 //!   5  u8       body format: 0 stored, 1 zstd
-//!   6  u8       kind: 1 batch, 2 ack; failback: 3 digests, 4 chunks, 5 done
+//!   6  u8       kind: 1 batch, 2 ack; failback: 3 digests, 4 chunks, 5 done;
+//!               seed: 6 request, 7 refusal (and 3 digests, 5 done)
 //!   7  u8       reserved, zero
 //!   8  [u8; 16] disk id
 //!  24  u64      first sequence number
@@ -45,11 +46,17 @@ pub enum FrameKind {
     /// An acknowledgement, target to source.
     Ack = 2,
     /// Failback: chunk digests of the original disk, receiver to sender.
+    /// Seed: chunk digests of the replica, target to source.
     Digests = 3,
     /// Failback: the chunks whose digests differ, sender to receiver.
     Chunks = 4,
-    /// Failback: the end of a pass and its totals, both ways.
+    /// Failback: the end of a pass and its totals, both ways. Seed: the
+    /// end of the digests, target to source.
     Done = 5,
+    /// Seed: which state of the replica to digest, source to target.
+    Request = 6,
+    /// Seed: why the target cannot digest that state, target to source.
+    Refusal = 7,
 }
 
 /// How the plaintext is encoded before encryption.
@@ -116,6 +123,8 @@ impl FrameKind {
             3 => Ok(FrameKind::Digests),
             4 => Ok(FrameKind::Chunks),
             5 => Ok(FrameKind::Done),
+            6 => Ok(FrameKind::Request),
+            7 => Ok(FrameKind::Refusal),
             other => Err(HeaderError::Kind(other)),
         }
     }
@@ -268,7 +277,7 @@ mod tests {
         assert_eq!(with(4, 2), Err(HeaderError::Version(2)));
         assert_eq!(with(5, 7), Err(HeaderError::Format(7)));
         assert_eq!(with(6, 0), Err(HeaderError::Kind(0)));
-        assert_eq!(with(6, 6), Err(HeaderError::Kind(6)));
+        assert_eq!(with(6, 8), Err(HeaderError::Kind(8)));
         assert_eq!(with(7, 1), Err(HeaderError::Reserved(1)));
         assert_eq!(
             with(56, 0x10),

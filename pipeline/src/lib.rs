@@ -6,7 +6,8 @@
 //! layout in [`frame`]); the control socket through which tagged points
 //! are asked for ([`control`]). See `docs/REPLICATION.md`. After a
 //! failover, [`failback`] ships back only the chunks in which the disks
-//! differ.
+//! differ. A new source process seeds its full sync from the replica
+//! ([`seed`]): it copies only the chunks that differ from the target's copy.
 pub mod batch;
 pub mod codec;
 pub mod control;
@@ -15,5 +16,6 @@ pub mod failback;
 pub mod frame;
 pub mod key;
 pub mod protect;
+pub mod seed;
 pub mod session;
 pub mod shipper;

@@ -1,8 +1,10 @@
 //! `cdp protect`: the filter and the pipeline in one process. The filter
 //! serves the disk; a cutter thread turns the capture ring into a batch every
 //! RPO interval; the shipper carries batches to the target; a full sync
-//! copies the whole disk through the capture stream first (every new source
-//! process does one, and says so), after which batches are restore points.
+//! brings the target's copy up to the disk through the capture stream first
+//! (every new source process does one, and says so): only the chunks that
+//! differ from the target's copy if it holds one ([`crate::seed`]), the
+//! whole disk otherwise. After it, batches are restore points.
 //! With a control socket, `cdp point` can ask for tagged points.
 
 use std::io::IsTerminal;
@@ -21,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::control::{ControlContext, ControlError, ControlServer};
 use crate::cutter::Cutter;
 use crate::key::Key;
+use crate::seed::SeedError;
 use crate::session::Hello;
 use crate::shipper::{self, Acknowledged, ShipError, ShipStats, ShipperConfig, SyncProgress};
 
@@ -121,8 +124,8 @@ pub async fn run(
     let sync = SyncProgress::new();
     let (acknowledged, acknowledged_rx) = watch::channel(Acknowledged::default());
     let shipper_config = ShipperConfig {
-        target: config.target,
-        key: config.key,
+        target: config.target.clone(),
+        key: config.key.clone(),
         hello,
         throttle: config.throttle,
         max_unacked: MAX_UNACKED,
@@ -143,6 +146,12 @@ pub async fn run(
     });
     let syncer = tokio::spawn(full_sync(
         filter.export.clone(),
+        Seed {
+            target: config.target.clone(),
+            key: config.key.clone(),
+            hello,
+            acknowledged: acknowledged_rx.clone(),
+        },
         sync.clone(),
         shutdown.clone(),
     ));
@@ -184,42 +193,120 @@ pub async fn run(
     })
 }
 
-/// Copies the whole disk into the capture stream; returns whether it finished.
+/// What the full sync needs to seed itself from the target's copy.
+struct Seed {
+    target: String,
+    key: Key,
+    hello: Hello,
+    /// Where the shipper publishes the base the target gave it.
+    acknowledged: watch::Receiver<Acknowledged>,
+}
+
+/// Brings the target's copy up to the disk through the capture stream;
+/// returns whether it finished. Once the shipper knows the target's base:
+/// if the target holds records of this disk, only the chunks that differ
+/// from its copy are captured ([`crate::seed`]); otherwise, or if that
+/// comparison fails, the whole disk is.
 async fn full_sync(
     export: Arc<Export<ProtectedDisk>>,
+    mut seed: Seed,
     sync: Arc<SyncProgress>,
     shutdown: CancellationToken,
 ) -> Result<bool, DeviceError> {
     let disk = &export.device;
+    let base = tokio::select! {
+        () = shutdown.cancelled() => None,
+        base = seed.acknowledged.wait_for(|a| a.base.is_some()) => base.ok().and_then(|a| a.base),
+    };
+    let Some(base) = base else {
+        tracing::warn!("full sync not started: the target was never reached; the next start syncs");
+        return Ok(false);
+    };
+    let compared = if base > 0 {
+        compare_with_target(disk, &seed, base, &sync, &shutdown).await?
+    } else {
+        None
+    };
+    match compared {
+        Some(finished) => Ok(finished),
+        None => copy_whole_disk(disk, &sync, &shutdown).await,
+    }
+}
+
+/// Captures the chunks that differ from the target's copy as it stood before
+/// `base`; whether it finished, or `None` if the comparison failed (the
+/// caller then copies the whole disk).
+async fn compare_with_target(
+    disk: &ProtectedDisk,
+    seed: &Seed,
+    base: u64,
+    sync: &SyncProgress,
+    shutdown: &CancellationToken,
+) -> Result<Option<bool>, DeviceError> {
     let size = disk.size();
     tracing::info!(
         size,
-        "full sync: copying the whole disk to the target (a new source always does)"
+        before_seq = base,
+        "full sync: comparing the disk with the target's copy, chunk by chunk \
+         (a new source always syncs; only chunks that differ are copied)"
     );
-    let bar = progress_bar(size);
-    let started = Instant::now();
+    let (bar, started) = (progress_bar(size, "compare"), Instant::now());
+    let mut logged = Instant::now();
+    let compared = crate::seed::sync(
+        &seed.target,
+        &seed.key,
+        seed.hello,
+        base,
+        disk,
+        shutdown,
+        |done| report(&bar, &mut logged, done, size),
+    )
+    .await;
+    bar.finish_and_clear();
+    match compared {
+        Ok(Some(totals)) => {
+            complete(disk, sync).await?;
+            tracing::info!(
+                size,
+                chunks = totals.chunks,
+                differing = totals.differing,
+                bytes = totals.bytes,
+                seconds = started.elapsed().as_secs_f64(),
+                "full sync complete: restore points from here on"
+            );
+            Ok(Some(true))
+        }
+        Ok(None) => Ok(Some(interrupted())),
+        Err(SeedError::Disk(e)) => Err(e),
+        Err(e) => {
+            tracing::warn!("full sync: cannot compare with the target's copy ({e})");
+            Ok(None)
+        }
+    }
+}
+
+/// Captures the whole disk, [`SYNC_CHUNK`] at a time; whether it finished.
+async fn copy_whole_disk(
+    disk: &ProtectedDisk,
+    sync: &SyncProgress,
+    shutdown: &CancellationToken,
+) -> Result<bool, DeviceError> {
+    let size = disk.size();
+    tracing::info!(size, "full sync: copying the whole disk to the target");
+    let (bar, started) = (progress_bar(size, "copy"), Instant::now());
     let mut logged = Instant::now();
     let mut offset = 0;
     while offset < size {
         if shutdown.is_cancelled() {
-            tracing::warn!(
-                done = offset,
-                size,
-                "full sync interrupted by shutdown; the next start syncs again"
-            );
-            return Ok(false);
+            return Ok(interrupted());
         }
         let len = SYNC_CHUNK.min(size - offset);
         disk.capture_contents(offset, len).await?;
         offset += len;
-        bar.set_position(offset);
-        if bar.is_hidden() && logged.elapsed() > Duration::from_secs(5) {
-            tracing::info!(done = offset, size, "full sync progress");
-            logged = Instant::now();
-        }
+        report(&bar, &mut logged, offset, size);
     }
-    sync.complete(disk.next_seq());
     bar.finish_and_clear();
+    complete(disk, sync).await?;
     tracing::info!(
         size,
         seconds = started.elapsed().as_secs_f64(),
@@ -228,16 +315,41 @@ async fn full_sync(
     Ok(true)
 }
 
+/// Marks the sync complete, then captures a flush barrier (fdatasync and a
+/// `Flush` record, as an NBD FLUSH does). The cutter may have cut the batch
+/// holding the sync's last record before it was marked complete, and that
+/// batch then went out flagged `in_sync`; the barrier's batch comes after
+/// it, so there is a first restore point even if no client writes again.
+async fn complete(disk: &ProtectedDisk, sync: &SyncProgress) -> Result<(), DeviceError> {
+    sync.complete(disk.next_seq());
+    disk.flush().await
+}
+
+/// Logs a full sync cut short by shutdown; returns false (not finished).
+fn interrupted() -> bool {
+    tracing::warn!("full sync interrupted by shutdown; the next start syncs again");
+    false
+}
+
+/// Moves the bar on a terminal; otherwise logs progress every 5 s.
+fn report(bar: &indicatif::ProgressBar, logged: &mut Instant, done: u64, size: u64) {
+    bar.set_position(done);
+    if bar.is_hidden() && logged.elapsed() > Duration::from_secs(5) {
+        tracing::info!(done, size, "full sync progress");
+        *logged = Instant::now();
+    }
+}
+
 /// A progress bar on a terminal; hidden otherwise (the log reports instead).
-fn progress_bar(size: u64) -> indicatif::ProgressBar {
+fn progress_bar(size: u64, verb: &str) -> indicatif::ProgressBar {
     if !std::io::stderr().is_terminal() {
         return indicatif::ProgressBar::hidden();
     }
     let bar = indicatif::ProgressBar::new(size);
     bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "full sync {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
+        indicatif::ProgressStyle::with_template(&format!(
+            "full sync ({verb}) {{bar:40}} {{bytes}}/{{total_bytes}} {{bytes_per_sec}} eta {{eta}}"
+        ))
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar

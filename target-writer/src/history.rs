@@ -212,6 +212,39 @@ impl History {
         points
     }
 
+    /// The disk as it stood just before sequence number `seq`: the journal
+    /// entry (a restore point, or a batch of a full sync) or long-term point
+    /// whose last record is `seq - 1`, if this history can rebuild it. What
+    /// a new source's seeded full sync compares its disk with.
+    pub fn state_before(&self, seq: u64) -> Option<Point> {
+        let last_seq = seq.checked_sub(1)?;
+        let in_journal = self.journal.as_ref().and_then(|j| {
+            let entry = j.points().iter().find(|p| p.last_seq == last_seq)?;
+            Some((entry.id, entry.point_time_ns, entry.received_time_ns))
+        });
+        let (id, point_time_ns, received_time_ns) = in_journal.or_else(|| {
+            let (long, _) = self
+                .long_term()
+                .into_iter()
+                .find(|(p, _)| p.point.last_seq == last_seq)?;
+            let p = &long.point;
+            Some((p.entry_id, p.point_time_ns, p.received_time_ns))
+        })?;
+        self.path_to(id)?;
+        Some(Point {
+            id,
+            first_seq: None,
+            last_seq,
+            point_time_ns,
+            received_time_ns,
+            tier: Tier::Journal,
+            tag: None,
+            journal_bytes: None,
+            long_term_bytes: None,
+            ends_on_barrier: false,
+        })
+    }
+
     /// Finds the point a selector names.
     pub fn select(&self, selector: PointSelector) -> Result<Point, RestoreError> {
         let points = self.points();

@@ -6,7 +6,8 @@
 //! points and the long-term base and delta images ([`longterm`], rolled and
 //! expired by the [`roller`]); [`failover`] makes a point into a disk
 //! production can run on; [`served`] exports a point over NBD in place,
-//! without rebuilding it (`cdp serve-point`). See `docs/ARCHITECTURE.md`,
+//! without rebuilding it (`cdp serve-point`); [`seed`] digests our copy for
+//! a new source's full sync. See `docs/ARCHITECTURE.md`,
 //! `docs/REPLICATION.md` and `docs/LONGTERM.md`.
 pub mod failover;
 pub mod format;
@@ -15,6 +16,7 @@ pub mod journal;
 pub mod longterm;
 pub mod restore;
 pub mod roller;
+pub mod seed;
 pub mod served;
 pub mod server;
 

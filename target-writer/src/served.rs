@@ -144,11 +144,20 @@ impl ServedPoint {
         } else {
             None
         };
-        Ok(ServedPoint {
+        Ok(ServedPoint::new(image, overlay))
+    }
+
+    /// Reads `image` (built by [`History::image`]) as a read-only device.
+    pub fn read_only(image: PointImage) -> ServedPoint {
+        ServedPoint::new(image, None)
+    }
+
+    fn new(image: PointImage, overlay: Option<Overlay>) -> ServedPoint {
+        ServedPoint {
             stack: Arc::new(Stack::new(image, overlay)),
             changes: RangeLock::default(),
             nowait: Arc::new(AtomicBool::new(true)),
-        })
+        }
     }
 
     pub fn image(&self) -> &PointImage {

@@ -8,7 +8,8 @@
 //! already holds (a resend after a reconnect) is acknowledged without being
 //! written twice. A tagged batch is journaled with its tag, and once it is
 //! acknowledged the long-term roller is woken to keep it as a long-term
-//! point at once.
+//! point at once. A connection that opens with the seed protocol's magic is
+//! a new source asking for the digests of our copy ([`crate::seed`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,7 +18,9 @@ use std::time::Duration;
 
 use pipeline::batch::Batch;
 use pipeline::codec::{FrameKind, FrameMeta};
+use pipeline::failback::Totals;
 use pipeline::key::Key;
+use pipeline::seed::{self, SEED};
 use pipeline::session::{self, Hello, Refusal, SessionError, TargetState};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -25,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::journal::{BatchMeta, Journal, JournalError, JournalOptions};
 use crate::restore::SALT_LEN;
 use crate::roller::{LongTermOptions, Roller, SharedJournal};
+use crate::seed::SeedServeError;
 
 /// How long a connecting source may take to finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -152,6 +156,18 @@ pub async fn run(
             shutdown.clone(),
         );
         tokio::spawn(async move {
+            let magic = tokio::time::timeout(HANDSHAKE_TIMEOUT, peek_magic(&stream)).await;
+            if matches!(magic, Ok(Ok(magic)) if magic == SEED.magic) {
+                match serve_seed(stream, &config, &journal).await {
+                    Ok(totals) => tracing::info!(
+                        %peer,
+                        chunks = totals.chunks,
+                        "sent a new source the digests of our copy"
+                    ),
+                    Err(e) => tracing::warn!(%peer, "seed session ended: {e}"),
+                }
+                return;
+            }
             let source = Source {
                 config: &config,
                 journal: &journal,
@@ -202,6 +218,42 @@ fn reopen_if_failed(config: &TargetConfig, journal: &SharedJournal) -> Result<()
     tracing::info!("reopening the journal after a failed append");
     *journal = Some(open_journal(config, disk_id, disk_size)?);
     Ok(())
+}
+
+/// The first 8 bytes the peer sent (its protocol's magic), left unread for
+/// the handshake; fewer if it closed first.
+async fn peek_magic(stream: &TcpStream) -> std::io::Result<[u8; 8]> {
+    let mut magic = [0u8; 8];
+    loop {
+        let n = stream.peek(&mut magic).await?;
+        if n == 0 || n == magic.len() {
+            return Ok(magic);
+        }
+        // A hello arrives in one piece in practice; if not, wait for the rest.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A new source asks for the digests of our copy of its disk (its seeded
+/// full sync): admitted if the journal here is that disk's; never takes
+/// over the replication session.
+async fn serve_seed(
+    mut stream: TcpStream,
+    config: &TargetConfig,
+    journal: &SharedJournal,
+) -> Result<Totals, SeedServeError> {
+    stream.set_nodelay(true).map_err(SessionError::from)?;
+    let handshake = seed::accept(&mut stream, &config.key, |hello| {
+        let journal = journal.lock().unwrap_or_else(PoisonError::into_inner);
+        match journal.as_ref() {
+            Some(journal) => same_disk(config, journal, hello),
+            None => Err(format!("{} holds no journal yet", config.dir.display())),
+        }
+    });
+    let (session, hello) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+        .await
+        .map_err(|_| SessionError::Io(std::io::ErrorKind::TimedOut.into()))??;
+    crate::seed::serve(&mut stream, session, hello, &config.dir, &config.key).await
 }
 
 /// What a source connection shares with the rest of the target.
@@ -292,16 +344,22 @@ fn admit(
         *journal = Some(opened);
     }
     let journal = journal.as_ref().expect("opened above");
-    if journal.disk_id() != hello.disk_id || journal.disk_size() != hello.disk_size {
-        return Err(Refusal::OtherDisk(format!(
-            "{} holds the journal of another disk ({} bytes)",
-            config.dir.display(),
-            journal.disk_size()
-        )));
-    }
+    same_disk(config, journal, hello).map_err(Refusal::OtherDisk)?;
     Ok(TargetState {
         next_seq: journal.last_seq().map_or(0, |last| last + 1),
     })
+}
+
+/// Whether `journal` is that of the disk `hello` announces.
+fn same_disk(config: &TargetConfig, journal: &Journal, hello: &Hello) -> Result<(), String> {
+    if journal.disk_id() != hello.disk_id || journal.disk_size() != hello.disk_size {
+        return Err(format!(
+            "{} holds the journal of another disk ({} bytes)",
+            config.dir.display(),
+            journal.disk_size()
+        ));
+    }
+    Ok(())
 }
 
 /// Appends one verified batch unless the journal already holds it; returns

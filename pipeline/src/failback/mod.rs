@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use receive::receive;
+pub use scan::chunk_digests;
 pub use send::send;
 pub use wire::Totals;
 
@@ -123,13 +124,49 @@ impl Disk {
 
     /// How many digest windows the disk has.
     pub fn windows(&self) -> u64 {
-        self.chunks().div_ceil(WINDOW_CHUNKS)
+        window_count(self.size)
     }
 
     fn error(&self, op: &'static str) -> impl FnOnce(io::Error) -> FailbackError {
         let path = self.path.clone();
         move |source| FailbackError::Disk { path, op, source }
     }
+}
+
+/// Where one window of a disk lies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    /// Its first chunk.
+    pub first: u64,
+    /// Its last chunk.
+    pub last: u64,
+    /// Its bytes are `offset..offset + len`.
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl Span {
+    /// Window `index` (below [`window_count`]) of a disk of `size` bytes.
+    pub fn of_window(size: u64, index: u64) -> Span {
+        let first = index * WINDOW_CHUNKS;
+        let offset = first * CHUNK_SIZE;
+        Span {
+            first,
+            last: (first + WINDOW_CHUNKS).min(size.div_ceil(CHUNK_SIZE)) - 1,
+            offset,
+            len: (WINDOW_CHUNKS * CHUNK_SIZE).min(size - offset),
+        }
+    }
+
+    /// How many chunks it holds.
+    pub fn chunks(&self) -> u64 {
+        self.last - self.first + 1
+    }
+}
+
+/// How many windows a disk of `size` bytes has.
+pub fn window_count(size: u64) -> u64 {
+    size.div_ceil(CHUNK_SIZE).div_ceil(WINDOW_CHUNKS)
 }
 
 /// What a pass did, as the side reporting it saw it.

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 
 use super::scan::{self, Window};
 use super::wire::{self, expect_kind, meta, Totals};
-use super::{Disk, FailbackError, Summary, CHUNK_SIZE, WINDOW_CHUNKS};
+use super::{Disk, FailbackError, Span, Summary, CHUNK_SIZE};
 use crate::codec::{FrameKind, Opener, Sealer};
 use crate::key::Key;
 use crate::protect::disk_id;
@@ -117,9 +117,14 @@ async fn receive_chunks<R: AsyncRead + Unpin>(
             return Ok(totals);
         }
         expect_kind(got.kind, FrameKind::Chunks)?;
-        let first = totals.windows * WINDOW_CHUNKS;
-        let last = (first + WINDOW_CHUNKS).min(disk.chunks()) - 1;
-        if first >= disk.chunks() || (got.first_seq, got.last_seq) != (first, last) {
+        if totals.windows >= disk.windows() {
+            return Err(FailbackError::Protocol(format!(
+                "chunks for {}..={} arrived after the last window",
+                got.first_seq, got.last_seq
+            )));
+        }
+        let Span { first, last, .. } = Span::of_window(disk.size, totals.windows);
+        if (got.first_seq, got.last_seq) != (first, last) {
             return Err(FailbackError::Protocol(format!(
                 "chunks for {}..={} arrived where we expected {first}..={last}",
                 got.first_seq, got.last_seq

@@ -11,7 +11,7 @@ use std::sync::mpsc as recycling;
 use ring::digest::{digest, SHA256};
 use tokio::sync::mpsc;
 
-use super::{Disk, FailbackError, CHUNK_SIZE, DIGEST_LEN, WINDOW_CHUNKS};
+use super::{Disk, FailbackError, Span, CHUNK_SIZE, DIGEST_LEN};
 
 /// Windows read ahead of the session.
 const AHEAD: usize = 4;
@@ -82,16 +82,14 @@ fn read_window(
     mut data: Vec<u8>,
     recycle: &recycling::Sender<Vec<u8>>,
 ) -> Result<Window, FailbackError> {
-    let first = index * WINDOW_CHUNKS;
-    let offset = first * CHUNK_SIZE;
-    let len = (WINDOW_CHUNKS * CHUNK_SIZE).min(disk.size - offset) as usize;
-    data.resize(len, 0);
+    let span = Span::of_window(disk.size, index);
+    data.resize(span.len as usize, 0);
     disk.file
-        .read_exact_at(&mut data, offset)
+        .read_exact_at(&mut data, span.offset)
         .map_err(disk.error("read"))?;
     Ok(Window {
-        first,
-        digests: digests(&data),
+        first: span.first,
+        digests: chunk_digests(&data),
         data,
         recycle: recycle.clone(),
     })
@@ -99,7 +97,7 @@ fn read_window(
 
 /// The SHA-256 digest of every chunk of `data`, computed by up to
 /// [`DIGEST_THREADS`] threads (as many as the machine has) side by side.
-fn digests(data: &[u8]) -> Vec<[u8; DIGEST_LEN]> {
+pub fn chunk_digests(data: &[u8]) -> Vec<[u8; DIGEST_LEN]> {
     let chunks: Vec<&[u8]> = data.chunks(CHUNK_SIZE as usize).collect();
     let mut out = vec![[0u8; DIGEST_LEN]; chunks.len()];
     let threads = std::thread::available_parallelism()
