@@ -50,6 +50,7 @@ pub async fn serve(
     key: &Key,
 ) -> Result<Totals, SeedServeError> {
     let before = seed::read_request(&mut session, stream).await?;
+    let started = std::time::Instant::now();
     let (dir_owned, key_owned) = (dir.to_path_buf(), key.clone());
     let opened = tokio::task::spawn_blocking(move || state_before(&dir_owned, &key_owned, before))
         .await
@@ -63,6 +64,11 @@ pub async fn serve(
             return Err(SeedServeError::Refused(why));
         }
     };
+    tracing::info!(
+        before_seq = before,
+        seconds = started.elapsed().as_secs_f64(),
+        "a new source compares its disk with our copy: copy opened"
+    );
     let size = hello.disk_size;
     let mut totals = Totals::default();
     for index in 0..window_count(size) {
