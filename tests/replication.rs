@@ -57,12 +57,7 @@ fn protect_restart_resyncs_and_keeps_earlier_points() {
     let first = workloads(&mut repl, dir.path(), &[6], 4, "run1-", |_, _| {});
     repl.stop_protect();
     let before = points(&repl.journal);
-    // Behind protect's back: only a full sync can carry this.
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&disk)
-        .and_then(|f| f.write_all_at(&pseudo_random(MIB as usize + 777, 66), 5 * MIB + 3))
-        .expect("change the disk between runs");
+    change_behind_protects_back(&disk, 66);
     repl.start_protect();
     let second = workloads(&mut repl, dir.path(), &[7], 4, "run2-", |_, _| {});
     repl.stop_protect();
@@ -96,11 +91,7 @@ fn a_restarted_protect_copies_only_the_chunks_that_differ() {
     {
         repl.fail("the first protect run did not copy the whole disk");
     }
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&disk)
-        .and_then(|f| f.write_all_at(&pseudo_random(MIB as usize + 777, 67), 5 * MIB + 3))
-        .expect("change the disk between runs");
+    change_behind_protects_back(&disk, 67);
     repl.start_protect();
     let synced = repl.protect().wait_for_log("full sync complete", PATIENCE);
     repl.stop_protect();
@@ -118,6 +109,16 @@ fn a_restarted_protect_copies_only_the_chunks_that_differ() {
         ));
     }
     check_newest_point(&repl, dir.path(), &disk);
+}
+
+/// Writes 1 MiB + 777 bytes of `seed`'s data at 5 MiB + 3 of `disk`, with
+/// no protect running: only a full sync can carry it to the target.
+fn change_behind_protects_back(disk: &std::path::Path, seed: u64) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(disk)
+        .and_then(|f| f.write_all_at(&pseudo_random(MIB as usize + 777, seed), 5 * MIB + 3))
+        .expect("change the disk between runs");
 }
 
 /// The target crashes (SIGKILL) while the workload writes and comes back on

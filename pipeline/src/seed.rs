@@ -19,6 +19,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::codec::{FrameKind, FrameMeta};
+pub use crate::failback::wire::meta;
 use crate::failback::wire::{decode_digests, Totals};
 use crate::failback::{chunk_digests, window_count, Span, CHUNK_SIZE};
 use crate::key::Key;
@@ -45,18 +46,6 @@ pub enum SeedError {
     Protocol(String),
     #[error(transparent)]
     Disk(#[from] DeviceError),
-}
-
-/// The header of a seed frame: the disk's id, a chunk range (digests), the
-/// sequence number asked for (request), or 0, 0.
-pub fn meta(kind: FrameKind, disk_id: [u8; 16], first: u64, last: u64) -> FrameMeta {
-    FrameMeta {
-        kind,
-        disk_id,
-        first_seq: first,
-        last_seq: last,
-        point_time_ns: 0,
-    }
 }
 
 /// The target's side of the handshake: proves our key, checks the source's,

@@ -43,8 +43,9 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(session)
 }
 
-/// The header fields of a failback frame: the original disk's id, a chunk
-/// range (digests and chunks frames) or 0, 0 (done frames), no point time.
+/// The header fields of a failback or seed frame: the disk's id, a chunk
+/// range (digests and chunks frames), the sequence number asked for (a seed
+/// request), or 0, 0; no point time.
 pub fn meta(kind: FrameKind, disk_id: [u8; 16], first: u64, last: u64) -> FrameMeta {
     FrameMeta {
         kind,
