@@ -179,14 +179,18 @@ impl Batch {
     /// extent count and every length against the bytes left, extent kinds,
     /// that extents are non-empty, sorted and non-overlapping, and that
     /// nothing follows the last one. An accepted payload re-encodes to itself.
-    pub fn decode(payload: &[u8], first_seq: u64, last_seq: u64) -> Result<Batch, BatchError> {
+    /// Data extents are slices of `payload`: nothing is copied.
+    pub fn decode(payload: Bytes, first_seq: u64, last_seq: u64) -> Result<Batch, BatchError> {
         if first_seq > last_seq {
             return Err(BatchError::SeqRange {
                 first_seq,
                 last_seq,
             });
         }
-        let mut r = Reader { payload, pos: 0 };
+        let mut r = Reader {
+            payload: &payload,
+            pos: 0,
+        };
         let at = r.pos;
         let version = r.u8("version")?;
         if version != VERSION {
@@ -219,7 +223,6 @@ impl Batch {
                 available: r.remaining(),
             });
         }
-        // Check everything before copying anything.
         let mut parsed = Vec::with_capacity(count as usize);
         let mut previous_end = None;
         for index in 0..count {
@@ -260,14 +263,12 @@ impl Batch {
                 count: r.remaining(),
             });
         }
-        // One copy of the payload; data extents are slices of it.
-        let whole = Bytes::copy_from_slice(payload);
         let extents = parsed
             .into_iter()
             .map(|(offset, parsed)| match parsed {
                 Parsed::Data(place) => Extent::Data {
                     offset,
-                    data: whole.slice(place),
+                    data: payload.slice(place),
                 },
                 Parsed::Zero(len) => Extent::Zero { offset, len },
             })

@@ -13,6 +13,7 @@
 use std::fmt;
 use std::io;
 
+use bytes::{Bytes, BytesMut};
 use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM};
 use ring::hkdf::{self, HKDF_SHA256};
 use ring::hmac;
@@ -327,9 +328,54 @@ impl Opener {
     fn open_body(&mut self, header: &FrameHeader, frame: &[u8]) -> Result<Vec<u8>, CodecError> {
         let (header_bytes, body) = frame.split_at(FRAME_HEADER_LEN);
         let (ciphertext, tag) = body.split_at(body.len() - TAG_LEN);
+        match header.format {
+            BodyFormat::Stored => {
+                let mut plaintext = ciphertext.to_vec();
+                self.decrypt(header, header_bytes, tag, &mut plaintext)?;
+                Ok(plaintext)
+            }
+            BodyFormat::Zstd => {
+                let mut compressed = std::mem::take(&mut self.compressed);
+                compressed.clear();
+                compressed.extend_from_slice(ciphertext);
+                let plaintext = self
+                    .decrypt(header, header_bytes, tag, &mut compressed)
+                    .and_then(|()| self.decompress(header, &compressed));
+                self.compressed = compressed;
+                plaintext
+            }
+        }
+    }
+
+    /// As [`Opener::open_body`], but decrypts in the frame's own buffer: a
+    /// stored body's plaintext is then a slice of it, with nothing copied;
+    /// a zstd body is decompressed into a buffer of its own.
+    fn open_body_in_place(
+        &mut self,
+        header: &FrameHeader,
+        mut frame: BytesMut,
+    ) -> Result<Bytes, CodecError> {
+        let (header_bytes, body) = frame.split_at_mut(FRAME_HEADER_LEN);
+        let (ciphertext, tag) = body.split_at_mut(body.len() - TAG_LEN);
+        self.decrypt(header, header_bytes, tag, ciphertext)?;
+        let plaintext = FRAME_HEADER_LEN..frame.len() - TAG_LEN;
+        match header.format {
+            BodyFormat::Stored => Ok(frame.freeze().slice(plaintext)),
+            BodyFormat::Zstd => Ok(self.decompress(header, &frame[plaintext])?.into()),
+        }
+    }
+
+    /// Authenticates and decrypts `in_out` (the ciphertext) in place.
+    fn decrypt(
+        &self,
+        header: &FrameHeader,
+        header_bytes: &[u8],
+        tag: &[u8],
+        in_out: &mut [u8],
+    ) -> Result<(), CodecError> {
         let tag = Tag::try_from(tag).expect("the header check leaves room for the tag");
-        let decrypt = |key: &LessSafeKey, in_out: &mut [u8]| {
-            key.open_in_place_separate_tag(
+        self.key
+            .open_in_place_separate_tag(
                 Nonce::assume_unique_for_key(header.nonce()),
                 Aad::from(header_bytes),
                 tag,
@@ -341,35 +387,30 @@ impl Opener {
                 counter: header.counter,
                 body_len: header.body_len,
             })
-        };
-        match header.format {
-            BodyFormat::Stored => {
-                let mut plaintext = ciphertext.to_vec();
-                decrypt(&self.key, &mut plaintext)?;
-                Ok(plaintext)
-            }
-            BodyFormat::Zstd => {
-                self.compressed.clear();
-                self.compressed.extend_from_slice(ciphertext);
-                decrypt(&self.key, &mut self.compressed)?;
-                let plaintext = self
-                    .decompressor
-                    .decompress(&self.compressed, header.plain_len as usize)
-                    .map_err(|source| CodecError::Decompress {
-                        counter: header.counter,
-                        plain_len: header.plain_len,
-                        source,
-                    })?;
-                if plaintext.len() != header.plain_len as usize {
-                    return Err(CodecError::PlainLength {
-                        counter: header.counter,
-                        expected: header.plain_len,
-                        actual: plaintext.len(),
-                    });
-                }
-                Ok(plaintext)
-            }
+    }
+
+    /// Decompresses a decrypted zstd body to exactly `plain_len` bytes.
+    fn decompress(
+        &mut self,
+        header: &FrameHeader,
+        compressed: &[u8],
+    ) -> Result<Vec<u8>, CodecError> {
+        let plaintext = self
+            .decompressor
+            .decompress(compressed, header.plain_len as usize)
+            .map_err(|source| CodecError::Decompress {
+                counter: header.counter,
+                plain_len: header.plain_len,
+                source,
+            })?;
+        if plaintext.len() != header.plain_len as usize {
+            return Err(CodecError::PlainLength {
+                counter: header.counter,
+                expected: header.plain_len,
+                actual: plaintext.len(),
+            });
         }
+        Ok(plaintext)
     }
 }
 
@@ -383,15 +424,17 @@ impl fmt::Debug for Opener {
 }
 
 /// Opens one frame kept at rest (restore reads frames the target stored),
-/// with every check of [`Opener::open`] except the order check.
+/// with every check of [`Opener::open`] except the order check. Decrypts in
+/// `frame`'s own buffer, which it takes: a stored body comes back as a slice
+/// of it, without a copy.
 pub fn open_at_rest(
     key: &Key,
     salt: &SessionSalt,
     dir: Direction,
-    frame: &[u8],
-) -> Result<(FrameMeta, Vec<u8>), CodecError> {
-    let header = parse_header(frame)?;
-    let plaintext = Opener::new(key, salt, dir).open_body(&header, frame)?;
+    frame: BytesMut,
+) -> Result<(FrameMeta, Bytes), CodecError> {
+    let header = parse_header(&frame)?;
+    let plaintext = Opener::new(key, salt, dir).open_body_in_place(&header, frame)?;
     Ok((header.meta, plaintext))
 }
 

@@ -30,6 +30,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use bytes::{Buf, Bytes, BytesMut};
 use filter::capture::Tag;
 
 pub use error::JournalError;
@@ -353,7 +354,7 @@ impl Journal {
     /// Reads the body of `point` back from disk, verifying its header and
     /// body CRCs again: the session salt and the frame (a tagged entry's tag
     /// is left out).
-    pub fn read_body(&self, point: &RestorePoint) -> Result<Vec<u8>, JournalError> {
+    pub fn read_body(&self, point: &RestorePoint) -> Result<BytesMut, JournalError> {
         let first = self.points.first().map_or(1, |p| p.id);
         let stored = point
             .id
@@ -383,9 +384,12 @@ impl Journal {
                 id: stored.id,
             });
         }
-        let mut body = vec![0u8; header.body_len as usize];
-        file.read_exact_at(&mut body, offset + ENTRY_HEADER_LEN as u64)
-            .map_err(io_err(path, "read entry body", offset))?;
+        let mut body = read_fresh(
+            &file,
+            header.body_len as usize,
+            offset + ENTRY_HEADER_LEN as u64,
+        )
+        .map_err(io_err(path, "read entry body", offset))?;
         let computed = crc32c::crc32c(&body);
         if computed != header.body_crc {
             return Err(JournalError::BodyCrc {
@@ -405,8 +409,23 @@ impl Journal {
                     source,
                 }
             })?;
-            body.drain(..field_len);
+            body.advance(field_len);
         }
         Ok(body)
     }
+}
+
+/// `len` bytes of `file` from `offset`, read into fresh memory that is not
+/// zeroed first: a body is up to a batch long, and zeroing it would cost as
+/// much as reading it from the page cache.
+fn read_fresh(file: &File, len: usize, offset: u64) -> std::io::Result<BytesMut> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut body = Vec::with_capacity(len);
+    let mut file = file;
+    file.seek(SeekFrom::Start(offset))?;
+    file.take(len as u64).read_to_end(&mut body)?;
+    if body.len() < len {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(BytesMut::from(Bytes::from(body)))
 }

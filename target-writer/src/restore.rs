@@ -71,17 +71,20 @@ pub fn read_batch(
     key: &Key,
     entry: &RestorePoint,
 ) -> Result<Batch, RestoreError> {
-    let body = journal.read_body(entry)?;
-    if body.len() < SALT_LEN {
+    let mut frame = journal.read_body(entry)?;
+    if frame.len() < SALT_LEN {
         return Err(RestoreError::ShortBody { id: entry.id });
     }
-    let salt = SessionSalt::from_bytes(body[..SALT_LEN].try_into().expect("SALT_LEN bytes"));
-    let (_, payload) = open_at_rest(key, &salt, Direction::SourceToTarget, &body[SALT_LEN..])
-        .map_err(|source| RestoreError::Frame {
-            id: entry.id,
-            source,
+    let salt = frame.split_to(SALT_LEN);
+    let salt = SessionSalt::from_bytes(salt[..].try_into().expect("SALT_LEN bytes"));
+    let (_, payload) =
+        open_at_rest(key, &salt, Direction::SourceToTarget, frame).map_err(|source| {
+            RestoreError::Frame {
+                id: entry.id,
+                source,
+            }
         })?;
-    Batch::decode(&payload, entry.first_seq, entry.last_seq).map_err(|source| {
+    Batch::decode(payload, entry.first_seq, entry.last_seq).map_err(|source| {
         RestoreError::Payload {
             id: entry.id,
             source,

@@ -308,13 +308,14 @@ async fn serve_source(
                 got: meta.disk_id,
             });
         }
-        let batch = Batch::decode(&payload, meta.first_seq, meta.last_seq).map_err(|source| {
-            ConnectionError::Payload {
-                first: meta.first_seq,
-                last: meta.last_seq,
-                source,
-            }
-        })?;
+        let batch =
+            Batch::decode(payload.into(), meta.first_seq, meta.last_seq).map_err(|source| {
+                ConnectionError::Payload {
+                    first: meta.first_seq,
+                    last: meta.last_seq,
+                    source,
+                }
+            })?;
         let mut body = Vec::with_capacity(SALT_LEN + frame.len());
         body.extend_from_slice(&session.salt.to_bytes());
         body.extend_from_slice(&frame);

@@ -243,7 +243,7 @@ proptest! {
             prop_assert_eq!(data_bytes, held);
             model.check_batch(&batch)?;
             let payload = batch.encode();
-            let decoded = Batch::decode(&payload, batch.first_seq, batch.last_seq).unwrap();
+            let decoded = Batch::decode(Bytes::copy_from_slice(&payload), batch.first_seq, batch.last_seq).unwrap();
             prop_assert_eq!(&decoded, &batch);
             decoded.apply(&file).unwrap();
             batches += 1;
@@ -274,9 +274,9 @@ proptest! {
         let mut batch = one_batch(&steps);
         batch.ends_on_barrier = barrier || batch.tag.is_some(); // a tagged batch ends on a barrier
         let payload = batch.encode();
-        prop_assert_eq!(Batch::decode(&payload, batch.first_seq, batch.last_seq), Ok(batch.clone()));
+        prop_assert_eq!(Batch::decode(Bytes::copy_from_slice(&payload), batch.first_seq, batch.last_seq), Ok(batch.clone()));
         for len in 0..payload.len() {
-            let result = Batch::decode(&payload[..len], batch.first_seq, batch.last_seq);
+            let result = Batch::decode(Bytes::copy_from_slice(&payload[..len]), batch.first_seq, batch.last_seq);
             prop_assert!(result.is_err(), "a {} byte prefix of {} decoded", len, payload.len());
         }
     }
@@ -295,7 +295,7 @@ proptest! {
         // Flipped data bytes are undetectable here (the frame's AEAD tag
         // catches them); anything accepted must be well formed and
         // re-encode to exactly what was decoded.
-        if let Ok(decoded) = Batch::decode(&payload, 7, 9) {
+        if let Ok(decoded) = Batch::decode(Bytes::copy_from_slice(&payload), 7, 9) {
             check_shape_loose(&decoded)?;
             prop_assert!(decoded.encode() == payload);
         }
@@ -429,7 +429,7 @@ fn payload(flags: u8, count: u32, extents: &[(u8, u64, u64, &[u8])]) -> Vec<u8> 
 
 #[test]
 fn decode_says_what_is_wrong_and_where() {
-    let decode = |payload: &[u8]| Batch::decode(payload, 0, 0).unwrap_err();
+    let decode = |payload: &[u8]| Batch::decode(Bytes::copy_from_slice(payload), 0, 0).unwrap_err();
     let mut bad_version = payload(0, 0, &[]);
     bad_version[0] = 2;
     assert_eq!(
@@ -501,7 +501,7 @@ fn decode_says_what_is_wrong_and_where() {
         }
     );
     assert_eq!(
-        Batch::decode(&payload(0, 0, &[]), 3, 2).unwrap_err(),
+        Batch::decode(payload(0, 0, &[]).into(), 3, 2).unwrap_err(),
         BatchError::SeqRange {
             first_seq: 3,
             last_seq: 2
@@ -562,7 +562,7 @@ fn a_batch_ending_on_a_tagged_barrier_carries_the_tag() {
     expected.extend_from_slice(b"ab");
     let payload = batch.encode();
     assert_eq!(payload, expected);
-    assert_eq!(Batch::decode(&payload, 0, 1), Ok(batch));
+    assert_eq!(Batch::decode(payload.into(), 0, 1), Ok(batch));
     // A tag followed by more records is no longer the batch's end.
     builder.push(&tag_record(2, "v2"));
     builder.push(&write(3, 0, b"c", false));
@@ -571,7 +571,7 @@ fn a_batch_ending_on_a_tagged_barrier_carries_the_tag() {
 
 #[test]
 fn bad_tags_are_refused_with_their_offset() {
-    let decode = |payload: &[u8]| Batch::decode(payload, 0, 0).unwrap_err();
+    let decode = |payload: &[u8]| Batch::decode(Bytes::copy_from_slice(payload), 0, 0).unwrap_err();
     let tagged = |tag: &[u8]| {
         let mut out = vec![1, 1 | 4, 0, 0, 0, 0, tag.len() as u8];
         out.extend_from_slice(tag);
@@ -615,7 +615,7 @@ fn bad_tags_are_refused_with_their_offset() {
     );
     // The longest tag fits; a tag is never longer (its length is one byte).
     let longest = tagged(&[b'x'; 255]);
-    let batch = Batch::decode(&longest, 0, 0).unwrap();
+    let batch = Batch::decode(longest.into(), 0, 0).unwrap();
     assert_eq!(batch.tag.map(|t| t.as_str().len()), Some(255));
 }
 
@@ -627,7 +627,7 @@ fn a_flipped_bit_of_a_tagged_payload_is_refused_or_reencodes_exactly() {
     for bit in 0..payload.len() * 8 {
         let mut bad = payload.clone();
         bad[bit / 8] ^= 1 << (bit % 8);
-        if let Ok(decoded) = Batch::decode(&bad, 0, 0) {
+        if let Ok(decoded) = Batch::decode(Bytes::copy_from_slice(&bad), 0, 0) {
             assert_eq!(decoded.encode(), bad, "bit {bit}");
         }
     }

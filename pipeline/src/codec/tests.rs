@@ -141,7 +141,13 @@ fn every_flipped_bit_is_refused() {
                 opener.open(&bad).is_err(),
                 "flip of bit {bit} went unnoticed"
             );
-            assert!(open_at_rest(&key, &salt, Direction::SourceToTarget, &bad).is_err());
+            assert!(open_at_rest(
+                &key,
+                &salt,
+                Direction::SourceToTarget,
+                BytesMut::from(&bad[..])
+            )
+            .is_err());
         }
         // Refused frames leave the opener as it was.
         opener.open(good).unwrap();
@@ -187,7 +193,13 @@ fn wrong_key_salt_or_direction_is_refused() {
         let err = opener.open(&frame).unwrap_err();
         assert!(matches!(err, CodecError::Authentication { .. }), "{err:?}");
     }
-    let err = open_at_rest(&new_key(), &salt, Direction::SourceToTarget, &frame).unwrap_err();
+    let err = open_at_rest(
+        &new_key(),
+        &salt,
+        Direction::SourceToTarget,
+        BytesMut::from(&frame[..]),
+    )
+    .unwrap_err();
     assert_eq!(
         err.to_string(),
         format!(
@@ -225,11 +237,12 @@ fn replayed_frames_are_refused_in_session_but_open_at_rest() {
         "frame 1 is not newer than the last frame opened (2): replayed or reordered frame refused"
     );
     for (i, frame) in frames.iter().enumerate().rev() {
-        let (opened_meta, plaintext) = open_at_rest(&key, &salt, dir, frame).unwrap();
+        let (opened_meta, plaintext) =
+            open_at_rest(&key, &salt, dir, BytesMut::from(&frame[..])).unwrap();
         assert_eq!(opened_meta, meta(i as u64 * 10));
         assert_eq!(plaintext, text(200));
     }
-    let (_, again) = open_at_rest(&key, &salt, dir, &frames[0]).unwrap();
+    let (_, again) = open_at_rest(&key, &salt, dir, BytesMut::from(&frames[0][..])).unwrap();
     assert_eq!(again, text(200));
 }
 
@@ -358,7 +371,7 @@ proptest! {
             let (opened_meta, opened) = opener.open(&frame).unwrap();
             prop_assert_eq!(&opened_meta, meta);
             prop_assert_eq!(&opened, plaintext);
-            let (at_rest_meta, at_rest) = open_at_rest(&key, &salt, dir, &frame).unwrap();
+            let (at_rest_meta, at_rest) = open_at_rest(&key, &salt, dir, BytesMut::from(&frame[..])).unwrap();
             prop_assert_eq!(&at_rest_meta, meta);
             prop_assert_eq!(&at_rest, plaintext);
         }
