@@ -363,18 +363,34 @@ pub fn decode_ack(body: &[u8]) -> Result<u64, SessionError> {
     Ok(u64::from_be_bytes(b))
 }
 
-/// Reads one raw frame (header and body) off a stream.
+/// Reads one raw frame (header and body) off a stream; not cancel-safe
+/// (see [`read_frame_into`]).
 pub async fn read_frame<R: AsyncRead + Unpin>(stream: &mut R) -> Result<Vec<u8>, SessionError> {
+    let mut frame = Vec::new();
+    read_frame_into(stream, &mut frame).await?;
+    Ok(frame)
+}
+
+/// Reads one whole frame onto the end of `buf`, into memory it does not
+/// zero first (a frame is up to a batch long). Not cancel-safe: a cancelled
+/// read leaves the stream mid-frame.
+pub async fn read_frame_into<R: AsyncRead + Unpin>(
+    stream: &mut R,
+    buf: &mut Vec<u8>,
+) -> Result<(), SessionError> {
     let mut header = [0u8; FRAME_HEADER_LEN];
     stream.read_exact(&mut header).await?;
     let len = frame_len(&header)?;
     if len > MAX_FRAME {
         return Err(SessionError::FrameTooBig(len));
     }
-    let mut frame = vec![0u8; len];
-    frame[..FRAME_HEADER_LEN].copy_from_slice(&header);
-    stream.read_exact(&mut frame[FRAME_HEADER_LEN..]).await?;
-    Ok(frame)
+    buf.reserve(len);
+    buf.extend_from_slice(&header);
+    let rest = (len - FRAME_HEADER_LEN) as u64;
+    if (&mut *stream).take(rest).read_to_end(buf).await? as u64 != rest {
+        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+    }
+    Ok(())
 }
 
 impl Session {

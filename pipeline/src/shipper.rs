@@ -19,11 +19,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::batch::Batch;
-use crate::codec::{FrameKind, FrameMeta};
+use crate::codec::{FrameKind, FrameMeta, Opener};
 use crate::key::Key;
 use crate::session::{self, decode_ack, Hello, Session, SessionError};
 
@@ -318,12 +320,19 @@ impl State {
     async fn stream(
         &mut self,
         stream: TcpStream,
-        mut session: Session,
+        session: Session,
         batches: &mut mpsc::Receiver<(Batch, u64)>,
         input_open: &mut bool,
     ) -> Result<(), StreamEnd> {
         let lost = |e: &dyn std::fmt::Display| StreamEnd::Lost(e.to_string());
-        let (mut reader, mut writer) = stream.into_split();
+        let (reader, mut writer) = stream.into_split();
+        let Session {
+            mut sealer, opener, ..
+        } = session;
+        // Acknowledgments are read by a task of their own: a frame read cut
+        // short by the `select!` below would lose the bytes it had taken.
+        let (acks_tx, mut acks) = mpsc::channel(16);
+        let _reading = AbortOnDropHandle::new(tokio::spawn(read_acks(reader, opener, acks_tx)));
         let mut throttle = self.config.throttle.map(Throttle::new);
         let mut sent = 0; // how many of `unacked` went out on this connection
         let base = self.base.expect("set by connect");
@@ -337,7 +346,7 @@ impl State {
                 let mut meta = outgoing.meta;
                 meta.first_seq += base;
                 meta.last_seq += base;
-                let frame = session.sealer.seal(&meta, &outgoing.payload);
+                let frame = sealer.seal(&meta, &outgoing.payload);
                 if let Some(throttle) = &mut throttle {
                     throttle.take(frame.len()).await;
                 }
@@ -346,13 +355,10 @@ impl State {
                 continue;
             }
             tokio::select! {
-                ack = session::read_frame(&mut reader) => {
-                    let frame = ack.map_err(|e| lost(&e))?;
-                    let (meta, body) = session.opener.open(&frame).map_err(|e| lost(&e))?;
-                    if meta.kind != FrameKind::Ack {
-                        return Err(lost(&format!("unexpected {:?} frame from the target", meta.kind)));
-                    }
-                    let next_seq = decode_ack(&body).map_err(|e| lost(&e))?;
+                ack = acks.recv() => {
+                    let next_seq = ack
+                        .unwrap_or_else(|| Err("the acknowledgment reader stopped".into()))
+                        .map_err(StreamEnd::Lost)?;
                     let before = self.unacked.len();
                     self.drop_acked(next_seq);
                     self.publish();
@@ -363,6 +369,33 @@ impl State {
                     None => *input_open = false,
                 },
             }
+        }
+    }
+}
+
+/// Reads the target's acknowledgments off `reader` until the connection
+/// fails, passing on the next sequence number each names; the error that
+/// ends it is passed on too.
+async fn read_acks(
+    mut reader: OwnedReadHalf,
+    mut opener: Opener,
+    acks: mpsc::Sender<Result<u64, String>>,
+) {
+    loop {
+        let ack = async {
+            let frame = session::read_frame(&mut reader)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (meta, body) = opener.open(&frame).map_err(|e| e.to_string())?;
+            if meta.kind != FrameKind::Ack {
+                return Err(format!("unexpected {:?} frame from the target", meta.kind));
+            }
+            decode_ack(&body).map_err(|e| e.to_string())
+        }
+        .await;
+        let failed = ack.is_err();
+        if acks.send(ack).await.is_err() || failed {
+            return;
         }
     }
 }

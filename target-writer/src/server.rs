@@ -289,16 +289,20 @@ async fn serve_source(
     let mine = replaced.expect("admitted sessions took over");
     tracing::info!(disk_size = hello.disk_size, "source connected");
     loop {
-        let frame = tokio::select! {
+        // The journal keeps each frame behind the session's salt: the frame
+        // is read straight in after it, so the entry's body needs no copy.
+        let mut body = session.salt.to_bytes().to_vec();
+        tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
             () = mine.cancelled() => return Err(ConnectionError::Replaced),
-            frame = session::read_frame(&mut stream) => match frame {
-                Ok(frame) => frame,
+            read = session::read_frame_into(&mut stream, &mut body) => match read {
+                Ok(()) => {}
                 Err(SessionError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
                 Err(e) => return Err(e.into()),
             },
         };
-        let (meta, payload) = session.opener.open(&frame).map_err(SessionError::from)?;
+        let frame = &body[SALT_LEN..];
+        let (meta, payload) = session.opener.open(frame).map_err(SessionError::from)?;
         if meta.kind != FrameKind::Batch {
             return Err(SessionError::UnexpectedFrame(meta.kind).into());
         }
@@ -316,9 +320,6 @@ async fn serve_source(
                     source,
                 }
             })?;
-        let mut body = Vec::with_capacity(SALT_LEN + frame.len());
-        body.extend_from_slice(&session.salt.to_bytes());
-        body.extend_from_slice(&frame);
         let (next_seq, tagged) =
             tokio::task::block_in_place(|| append(journal, &meta, batch, &body))?;
         session
