@@ -9,6 +9,7 @@
 //! journal; the replication session goes on meanwhile.
 
 use std::path::Path;
+use std::time::Duration;
 
 use filter::device::{BlockDevice, DeviceError};
 use pipeline::codec::FrameKind;
@@ -32,7 +33,13 @@ pub enum SeedServeError {
     Read(#[from] DeviceError),
     #[error("a digest task died: {0}")]
     Task(String),
+    #[error("the source read nothing for {0:?}")]
+    Stalled(Duration),
 }
+
+/// How long a source may leave our digests unread before the session ends:
+/// an open session pins the history, which defers retention.
+const STALL: Duration = Duration::from_secs(600);
 
 impl From<SessionError> for SeedServeError {
     fn from(e: SessionError) -> Self {
@@ -78,7 +85,9 @@ pub async fn serve(
             .await
             .map_err(|e| SeedServeError::Task(e.to_string()))?;
         let frame = seed::meta(FrameKind::Digests, hello.disk_id, span.first, span.last);
-        session.send(stream, &frame, &digests).await?;
+        tokio::time::timeout(STALL, session.send(stream, &frame, &digests))
+            .await
+            .map_err(|_| SeedServeError::Stalled(STALL))??;
         totals.windows += 1;
         totals.chunks += span.chunks();
     }
