@@ -111,6 +111,52 @@ fn a_restarted_protect_copies_only_the_chunks_that_differ() {
     check_newest_point(&repl, dir.path(), &disk);
 }
 
+/// The target dies (kill -9) in the middle of a restarted protect's
+/// comparison, after its first window of digests, and comes back: protect
+/// says why it cannot compare, copies the whole disk instead, and the
+/// newest point equals the disk.
+#[test]
+fn a_comparison_the_target_breaks_off_falls_back_to_copying_the_whole_disk() {
+    let dir = scratch();
+    let disk = dir.path().join("disk.img");
+    prefilled_disk(&disk, 10);
+    let mut repl = Replication::start(dir.path(), &disk, &["--rpo", RPO]);
+    repl.protect().wait_for_log("full sync complete", PATIENCE);
+    repl.stop_protect();
+    change_behind_protects_back(&disk, 69);
+    let addr = repl.target.addr.clone();
+    let log = repl.target.kill();
+    repl.crashed_target_logs.push_str(&log);
+    let mut crashing = cdp();
+    crashing
+        .env("CDP_CRASH_AT", "seed:digests-sent")
+        .args(["target", "--listen", &addr, "--dir"])
+        .arg(&repl.journal)
+        .arg("--key")
+        .arg(&repl.key);
+    repl.target = Daemon::spawn(crashing);
+    repl.start_protect();
+    repl.protect()
+        .wait_for_log("cannot compare with the target's copy", PATIENCE);
+    repl.crash_target(Duration::from_millis(200));
+    let synced = repl.protect().wait_for_log("full sync complete", PATIENCE);
+    repl.stop_protect();
+    if !repl
+        .protect_log
+        .contains("full sync: copying the whole disk")
+        || synced.contains("differing=")
+    {
+        repl.fail("protect did not copy the whole disk after the comparison broke off");
+    }
+    if !repl
+        .crashed_target_logs
+        .contains("CDP_CRASH_AT=seed:digests-sent")
+    {
+        repl.fail("the target did not die where the test asked");
+    }
+    check_newest_point(&repl, dir.path(), &disk);
+}
+
 /// Writes 1 MiB + 777 bytes of `seed`'s data at 5 MiB + 3 of `disk`, with
 /// no protect running: only a full sync can carry it to the target.
 fn change_behind_protects_back(disk: &std::path::Path, seed: u64) {

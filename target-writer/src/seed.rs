@@ -88,6 +88,7 @@ pub async fn serve(
         tokio::time::timeout(STALL, session.send(stream, &frame, &digests))
             .await
             .map_err(|_| SeedServeError::Stalled(STALL))??;
+        crate::longterm::crash_point("seed:digests-sent");
         totals.windows += 1;
         totals.chunks += span.chunks();
     }

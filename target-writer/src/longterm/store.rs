@@ -37,7 +37,8 @@ use crate::restore::read_batch;
 
 /// Kills the process with SIGKILL at the named step when the environment
 /// variable `CDP_CRASH_AT` names it: a test hook, so crash tests can kill -9
-/// the target between any two durable steps and check recovery.
+/// the target between any two durable steps and check recovery (steps:
+/// `docs/LONGTERM.md`; `seed:digests-sent` in a seed session).
 pub fn crash_point(step: &str) {
     static CRASH_AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let at = CRASH_AT.get_or_init(|| std::env::var("CDP_CRASH_AT").ok());
