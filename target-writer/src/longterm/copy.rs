@@ -5,8 +5,9 @@
 //! the written data is not copied into the page cache first, and when the
 //! layers are not in the page cache several reads are in flight at once
 //! (the runs of a long chain of deltas are short and scattered: one reader
-//! thread left the disk waiting on each); blocks no layer holds are skipped
-//! (the image is sparse).
+//! thread left the disk waiting on each, so each reader also asks the kernel
+//! to start every read of its window at once); blocks no layer holds are
+//! skipped (the image is sparse).
 //! [`apply_direct`] applies a journal batch the same way: the whole blocks
 //! of large writes with O_DIRECT, the rest through the page cache. Where the
 //! file system refuses O_DIRECT everything goes through the page cache.
@@ -200,7 +201,13 @@ fn read_window(
     empty: &mpsc::Receiver<AlignedBuf>,
 ) -> Result<bool, LongTermError> {
     let mut current: Option<Filled> = None;
-    for run in image.runs(blocks) {
+    let runs: Vec<_> = image.runs(blocks).filter(|r| r.layer.is_some()).collect();
+    // Every run's read is started at once, so a chain of short scattered
+    // runs keeps the disk's queue full instead of waiting on one at a time.
+    for run in &runs {
+        image.layers()[run.layer.expect("filtered")].will_need(run.first_block, run.blocks);
+    }
+    for run in runs {
         let Some(layer) = run.layer else { continue };
         let (offset, len) = (run.first_block * BLOCK, run.blocks * BLOCK);
         let joins = current.as_ref().is_some_and(|c| c.offset + c.len == offset);

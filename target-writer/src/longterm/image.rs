@@ -165,6 +165,23 @@ impl Layer {
         self.check_blocks(entry, block, buf)
     }
 
+    /// Asks the kernel to start reading `count` data blocks from `block` on
+    /// into the page cache, without waiting (a hint: errors are ignored).
+    pub fn will_need(&self, block: u64, count: u64) {
+        use std::os::fd::AsRawFd;
+        let (offset, len) = (self.data_offset + block * BLOCK, count * BLOCK);
+        // SAFETY: posix_fadvise reads only its integer arguments; the file
+        // stays open for the call because `self` borrows it.
+        unsafe {
+            libc::posix_fadvise(
+                self.file.as_raw_fd(),
+                offset as libc::off_t,
+                len as libc::off_t,
+                libc::POSIX_FADV_WILLNEED,
+            )
+        };
+    }
+
     /// The file holding the block data and where block 0 lies in it, for a
     /// reader that reads blocks its own way (`served`'s page-cache reads)
     /// and then checks them with [`Layer::check_blocks`].
