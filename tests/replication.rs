@@ -82,16 +82,13 @@ fn a_restarted_protect_copies_only_the_chunks_that_differ() {
     let dir = scratch();
     let disk = dir.path().join("disk.img");
     prefilled_disk(&disk, 9);
-    let mut repl = Replication::start(dir.path(), &disk, &["--rpo", RPO]);
-    repl.protect().wait_for_log("full sync complete", PATIENCE);
-    repl.stop_protect();
+    let mut repl = Replication::synced_then_changed(dir.path(), &disk, 67);
     if !repl
         .protect_log
         .contains("full sync: copying the whole disk")
     {
         repl.fail("the first protect run did not copy the whole disk");
     }
-    change_behind_protects_back(&disk, 67);
     repl.start_protect();
     let synced = repl.protect().wait_for_log("full sync complete", PATIENCE);
     repl.stop_protect();
@@ -120,21 +117,8 @@ fn a_comparison_the_target_breaks_off_falls_back_to_copying_the_whole_disk() {
     let dir = scratch();
     let disk = dir.path().join("disk.img");
     prefilled_disk(&disk, 10);
-    let mut repl = Replication::start(dir.path(), &disk, &["--rpo", RPO]);
-    repl.protect().wait_for_log("full sync complete", PATIENCE);
-    repl.stop_protect();
-    change_behind_protects_back(&disk, 69);
-    let addr = repl.target.addr.clone();
-    let log = repl.target.kill();
-    repl.crashed_target_logs.push_str(&log);
-    let mut crashing = cdp();
-    crashing
-        .env("CDP_CRASH_AT", "seed:digests-sent")
-        .args(["target", "--listen", &addr, "--dir"])
-        .arg(&repl.journal)
-        .arg("--key")
-        .arg(&repl.key);
-    repl.target = Daemon::spawn(crashing);
+    let mut repl = Replication::synced_then_changed(dir.path(), &disk, 69);
+    repl.crash_target_into(Duration::ZERO, &[("CDP_CRASH_AT", "seed:digests-sent")]);
     repl.start_protect();
     repl.protect()
         .wait_for_log("cannot compare with the target's copy", PATIENCE);
@@ -155,16 +139,6 @@ fn a_comparison_the_target_breaks_off_falls_back_to_copying_the_whole_disk() {
         repl.fail("the target did not die where the test asked");
     }
     check_newest_point(&repl, dir.path(), &disk);
-}
-
-/// Writes 1 MiB + 777 bytes of `seed`'s data at 5 MiB + 3 of `disk`, with
-/// no protect running: only a full sync can carry it to the target.
-fn change_behind_protects_back(disk: &std::path::Path, seed: u64) {
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(disk)
-        .and_then(|f| f.write_all_at(&pseudo_random(MIB as usize + 777, seed), 5 * MIB + 3))
-        .expect("change the disk between runs");
 }
 
 /// The target crashes (SIGKILL) while the workload writes and comes back on

@@ -100,11 +100,28 @@ impl Replication {
     /// Kills the target (SIGKILL: a crash), waits `down`, and starts it
     /// again on the same address and journal.
     pub fn crash_target(&mut self, down: Duration) {
+        self.crash_target_into(down, &[]);
+    }
+
+    /// As [`Replication::crash_target`], the new target run with `env` set
+    /// (a `CDP_CRASH_AT` step, say).
+    pub fn crash_target_into(&mut self, down: Duration, env: &[(&str, &str)]) {
         let log = self.target.kill();
         self.crashed_target_logs.push_str(&log);
         std::thread::sleep(down);
         let addr = self.target.addr.clone();
-        self.target = start_target(&self.journal, &self.key, &addr, &self.target_args);
+        self.target = start_target_with(&self.journal, &self.key, &addr, &self.target_args, env);
+    }
+
+    /// Protect run once to the end of its full sync and stopped; then the
+    /// disk is changed behind its back with `seed`'s data (see
+    /// [`change_behind_protects_back`]).
+    pub fn synced_then_changed(dir: &Path, disk: &Path, seed: u64) -> Replication {
+        let mut repl = Replication::start(dir, disk, &["--rpo", RPO]);
+        repl.protect().wait_for_log("full sync complete", PATIENCE);
+        repl.stop_protect();
+        change_behind_protects_back(disk, seed);
+        repl
     }
 
     pub fn protect(&mut self) -> &mut Daemon {
@@ -158,9 +175,37 @@ impl Replication {
     }
 }
 
+/// Writes 1 MiB + 777 bytes of `seed`'s data at 5 MiB + 3 of `disk`, with
+/// no protect running: only a full sync can carry it to the target.
+pub fn change_behind_protects_back(disk: &Path, seed: u64) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(disk)
+        .and_then(|f| {
+            std::os::unix::fs::FileExt::write_all_at(
+                &f,
+                &pseudo_random(MIB as usize + 777, seed),
+                5 * MIB + 3,
+            )
+        })
+        .expect("change the disk between runs");
+}
+
 /// `cdp target --listen ADDR --dir JOURNAL --key KEY ARGS...`.
 pub fn start_target(journal: &Path, key: &Path, addr: &str, args: &[String]) -> Daemon {
+    start_target_with(journal, key, addr, args, &[])
+}
+
+/// As [`start_target`], with `env` set in the target's environment.
+pub fn start_target_with(
+    journal: &Path,
+    key: &Path,
+    addr: &str,
+    args: &[String],
+    env: &[(&str, &str)],
+) -> Daemon {
     let mut cmd = cdp();
+    cmd.envs(env.iter().copied());
     cmd.arg("target")
         .arg("--listen")
         .arg(addr)
