@@ -1,8 +1,18 @@
 //! Listening sockets and the life of connections: accept on TCP (with
-//! TCP_NODELAY) or a Unix socket, serve each connection on its own task, and
-//! on shutdown stop accepting and wait until every connection has finished
-//! its requests in flight.
+//! TCP_NODELAY) or a Unix socket, serve each connection on a thread of its
+//! own, and on shutdown stop accepting and wait until every connection has
+//! finished its requests in flight.
+//!
+//! A connection's thread runs a single-threaded runtime: its reader, its
+//! reply writer and its requests' tasks all run there, so a write's payload
+//! is received and copied into the page cache on one core. On the shared
+//! multi-threaded runtime the reader moved between workers each time it
+//! waited for the socket, and a 1 MiB payload received on one core and
+//! written on the other cost 100–150 µs more (`docs/BENCHMARKS.md`, "1 MiB
+//! writes"). Connections share the export, its engine threads and the
+//! capture rings, and run in parallel with each other as before.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -87,7 +97,9 @@ pub async fn serve<D: BlockDevice>(
                 };
                 match accepted {
                     Ok(connection) => {
-                        connections.spawn(run_connection(connection, export.clone(), shutdown.clone()));
+                        if let Some(done) = connection.serve_on_thread(&export, &shutdown) {
+                            connections.spawn(done);
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(listener = %listener.describe(), error = %e, "accept failed");
@@ -150,6 +162,81 @@ fn unpaced(stream: &TcpStream) {
     if rc != 0 {
         tracing::debug!(error = %io::Error::last_os_error(), "keeping the default congestion control");
     }
+}
+
+impl Connection {
+    /// Starts serving this connection on a thread of its own; the future
+    /// completes when that thread is done. A connection that cannot get a
+    /// thread or a runtime is logged and closed (`None`).
+    fn serve_on_thread<D: BlockDevice>(
+        self,
+        export: &Arc<Export<D>>,
+        shutdown: &CancellationToken,
+    ) -> Option<impl Future<Output = ()> + Send + 'static> {
+        let (export, shutdown) = (export.clone(), shutdown.clone());
+        let detached = match self.detach() {
+            Ok(detached) => detached,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot hand a connection to its thread; closing it");
+                return None;
+            }
+        };
+        let (finished, done) = tokio::sync::oneshot::channel::<()>();
+        let spawned = std::thread::Builder::new()
+            .name("cdp-conn".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot start a connection's runtime; closing it");
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    match Connection::attach(detached) {
+                        Ok(connection) => run_connection(connection, export, shutdown).await,
+                        Err(e) => tracing::warn!(error = %e, "cannot register a connection; closing it"),
+                    }
+                });
+                // Dropped only here, so a shutdown waits for the whole thread.
+                drop(finished);
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start a connection's thread; closing it");
+            return None;
+        }
+        Some(async move {
+            // Err(_) just means the thread is done: it never sends.
+            let _ = done.await;
+        })
+    }
+
+    /// The socket, taken off this runtime's reactor.
+    fn detach(self) -> io::Result<DetachedConnection> {
+        Ok(match self {
+            Connection::Tcp(stream, peer) => DetachedConnection::Tcp(stream.into_std()?, peer),
+            Connection::Unix(stream) => DetachedConnection::Unix(stream.into_std()?),
+        })
+    }
+
+    /// The socket, registered with the current runtime's reactor.
+    fn attach(detached: DetachedConnection) -> io::Result<Self> {
+        Ok(match detached {
+            DetachedConnection::Tcp(stream, peer) => {
+                Connection::Tcp(TcpStream::from_std(stream)?, peer)
+            }
+            DetachedConnection::Unix(stream) => Connection::Unix(UnixStream::from_std(stream)?),
+        })
+    }
+}
+
+/// A connection between two runtimes (still non-blocking).
+enum DetachedConnection {
+    Tcp(std::net::TcpStream, SocketAddr),
+    Unix(std::os::unix::net::UnixStream),
 }
 
 async fn run_connection<D: BlockDevice>(

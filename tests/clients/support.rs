@@ -335,9 +335,9 @@ pub fn check_qemu_io(filter: &Filter, backing: &Path) -> Vec<u8> {
 // libnbd (Python) scripts
 // ---------------------------------------------------------------------------
 
-/// argv: URI BACKING MODE START LENGTH SEED. Request i puts 4 KiB-64 KiB of
-/// seeded random bytes at a seeded offset in the i-th of 256 slots of
-/// [START, START+LENGTH). MODE "write": issue the 256 aio_pwrites at once (in
+/// argv: URI BACKING MODE START LENGTH SEED. Request i puts from 4 KiB up
+/// to a slot of seeded random bytes (whole pages for every other request) at
+/// a seeded offset in the i-th of 256 slots of [START, START+LENGTH). MODE "write": issue the 256 aio_pwrites at once (in
 /// shuffled order), then check. Both modes check: 256 aio_preads at once, each
 /// compared with what was written, then the backing (after a flush). Exits 1
 /// after printing every mismatch.
@@ -349,12 +349,17 @@ uri, backing, mode = sys.argv[1:4]
 start, length, seed = (int(arg) for arg in sys.argv[4:7])
 COUNT = 256
 slot = length // COUNT
-assert slot >= 65536, "the region must hold 256 slots of 64 KiB"
+assert slot >= 65536 and start % 4096 == 0, "the region must hold 256 slots of 64 KiB"
 requests = []
 for i in range(COUNT):
     rng = random.Random(seed * 1000003 + i)
-    size = rng.randint(4096, 65536)
+    size = rng.randint(4096, slot)
     offset = start + i * slot + rng.randrange(slot - size + 1)
+    if i % 2 == 0:
+        # Whole pages: the server writes these into the page cache itself,
+        # and answers the large ones at once, beside the other replies.
+        size &= ~4095
+        offset &= ~4095
     requests.append((i, offset, rng.randbytes(size)))
 order = list(requests)
 random.Random(seed).shuffle(order)

@@ -2,16 +2,21 @@
 //! request in the order they are done, several per system call. Read data
 //! that is a range of a file in the page cache goes out with `sendfile(2)`,
 //! straight from the page cache into the socket, never through our memory.
+//! The reader may also write a reply itself, at once, whenever that task is
+//! not in the middle of a batch ([`write_reply_now`]): the socket is shared
+//! behind an async mutex, held for a whole batch or a whole reply, so replies
+//! never interleave.
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
 
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::{tcp, unix};
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, Mutex, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
 use super::grace_after;
@@ -138,11 +143,24 @@ fn sendfile(socket: RawFd, range: &FileRange, sent: usize) -> io::Result<usize> 
     }
 }
 
+/// Writes `head` (a reply without data) to the socket at once, unless the
+/// writer task holds it for a batch: then `None`, and the reply goes through
+/// the queue like any other.
+pub async fn write_reply_now<W: ReplySink>(
+    out: &Mutex<W>,
+    head: Bytes,
+    shutdown: &CancellationToken,
+) -> Option<io::Result<()>> {
+    let mut out = out.try_lock().ok()?;
+    let mut bufs = VecDeque::from([head]);
+    Some(write_all_vectored(&mut *out, &mut bufs, shutdown).await)
+}
+
 /// Writes replies as they come. Once the server is shutting down, a client
 /// that accepts no reply bytes for [`super::SHUTDOWN_GRACE`] is given up on
 /// (its requests still complete).
 pub async fn write_replies<W: ReplySink>(
-    mut out: W,
+    out: Arc<Mutex<W>>,
     mut queue: mpsc::UnboundedReceiver<Reply>,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
@@ -157,6 +175,7 @@ pub async fn write_replies<W: ReplySink>(
                 Err(_) => break,
             }
         }
+        let mut out = out.lock().await;
         let files = sent.iter().any(|r| matches!(r.data, ReplyData::File(_)));
         if files {
             out.cork(true);
@@ -167,7 +186,7 @@ pub async fn write_replies<W: ReplySink>(
                 _ if reply.data.is_empty() => {}
                 ReplyData::Bytes(data) => bufs.push_back(data.clone()),
                 ReplyData::File(range) => {
-                    write_all_vectored(&mut out, &mut bufs, &shutdown).await?;
+                    write_all_vectored(&mut *out, &mut bufs, &shutdown).await?;
                     tokio::select! {
                         done = out.send_file(range) => done?,
                         () = grace_after(&shutdown) => return Err(refused_during_shutdown()),
@@ -175,13 +194,13 @@ pub async fn write_replies<W: ReplySink>(
                 }
             }
         }
-        write_all_vectored(&mut out, &mut bufs, &shutdown).await?;
+        write_all_vectored(&mut *out, &mut bufs, &shutdown).await?;
         if files {
             out.cork(false);
         }
         sent.clear();
     }
-    out.shutdown().await
+    out.lock().await.shutdown().await
 }
 
 fn refused_during_shutdown() -> io::Error {
@@ -345,9 +364,13 @@ mod tests {
             queue.send(reply).unwrap();
         }
         drop(queue);
-        write_replies(out, received, CancellationToken::new())
-            .await
-            .unwrap();
+        write_replies(
+            Arc::new(Mutex::new(out)),
+            received,
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
         reader.await.unwrap()
     }
 
