@@ -25,14 +25,10 @@ RATE=${RATE:-50}
 ROLL_EVERY=${ROLL_EVERY:-5s}
 OUT=${OUT:-target/bench/longterm.md}
 
-scripts/install-deps.sh
-cargo build --release --locked --bin cdp >&2
-cdp=$PWD/target/release/cdp
+# shellcheck source=benches/daemon_setup.sh
+. benches/daemon_setup.sh
+daemon_setup longterm /var/tmp
 mkdir -p "$(dirname "$OUT")"
-work=$(mktemp -d /var/tmp/cdp-longterm-bench.XXXXXX)
-pids=()
-cleanup() { for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
 
 wait_listening() { for _ in $(seq 400); do grep -q listening "$1" 2>/dev/null && return; sleep 0.05; done; echo "no listening line in $1" >&2; exit 1; }
 addr_of() { sed -n 's/^listening on //p' "$1"; }

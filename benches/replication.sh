@@ -18,13 +18,9 @@ RATES=${RATES:-10 50 100}
 OUT=${OUT:-target/bench/replication.md}
 DISK_SIZE=${DISK_SIZE:-2G}
 
-scripts/install-deps.sh
-cargo build --release --locked --bin cdp >&2
-cdp=$PWD/target/release/cdp
-work=$(mktemp -d /tmp/cdp-repl-bench.XXXXXX)
-pids=()
-cleanup() { for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
+# shellcheck source=benches/daemon_setup.sh
+. benches/daemon_setup.sh
+daemon_setup repl /tmp
 
 wait_listening() { for _ in $(seq 400); do grep -q listening "$1" 2>/dev/null && return; sleep 0.05; done; echo "no listening line in $1" >&2; exit 1; }
 now_ns() { date +%s%N; }

@@ -22,15 +22,22 @@ THROTTLE=${THROTTLE:-}
 DISK_SIZE=${DISK_SIZE:-1G}
 OUT=${OUT:-target/bench/resync.md}
 
-scripts/install-deps.sh
-cargo build --release --locked --bin cdp >&2
-cdp=$PWD/target/release/cdp
-work=$(mktemp -d /tmp/cdp-resync-bench.XXXXXX)
-pids=()
-cleanup() { for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
+# shellcheck source=benches/daemon_setup.sh
+. benches/daemon_setup.sh
+daemon_setup resync /tmp
 
-wait_line() { for _ in $(seq 3000); do grep -q "$2" "$1" 2>/dev/null && return; sleep 0.1; done; echo "no '$2' in $1" >&2; exit 1; }
+# wait_line LOG TEXT [PID]: waits up to 300 s for TEXT in LOG; gives up at
+# once, showing the log's end, if process PID has exited.
+wait_line() {
+  for _ in $(seq 3000); do
+    grep -q "$2" "$1" 2>/dev/null && return
+    if [ -n "${3:-}" ] && ! kill -0 "$3" 2>/dev/null; then
+      echo "process $3 exited before '$2' appeared in $1:" >&2; tail -n 5 "$1" >&2; exit 1
+    fi
+    sleep 0.1
+  done
+  echo "no '$2' in $1" >&2; exit 1
+}
 field() { sed -n "s/.*full sync complete.* $1=\([0-9]*\).*/\1/p" "$2" | tail -1; }
 
 # protect_once LOG: with cold caches, runs protect until its full sync
@@ -42,7 +49,7 @@ protect_once() {
   "$cdp" protect --disk "$dir/disk.img" --listen 127.0.0.1:0 --target "$addr" \
     --key "$dir/key" --rpo 1s ${THROTTLE:+--throttle "$THROTTLE"} >/dev/null 2>"$1" &
   local pid=$!; pids+=("$pid")
-  wait_line "$1" "full sync complete"
+  wait_line "$1" "full sync complete" "$pid"
   kill -TERM "$pid"; wait "$pid"
   python3 -c "print(($(date +%s%N) - $t0) / 1e9)"
 }
@@ -60,7 +67,8 @@ for round in $(seq "$ROUNDS"); do
   addr=$(sed -n 's/^listening on //p' "$dir/target.out")
   first=$(protect_once "$dir/first.log")
   before=$(du -sb "$dir/target" | cut -f1)
-  dd if=/dev/urandom of="$dir/disk.img" bs=1M count=1 seek=100 conv=notrunc status=none
+  dd if=/dev/urandom of="$dir/disk.img" bs=1M count=1 conv=notrunc status=none \
+    seek=$(($(stat -c %s "$dir/disk.img") / 2 / 1048576))
   seeded=$(protect_once "$dir/second.log")
   after=$(du -sb "$dir/target" | cut -f1)
   t0=$(date +%s%N); openssl dgst -sha256 "$dir/disk.img" >/dev/null; t1=$(date +%s%N)
