@@ -83,21 +83,17 @@ fn a_restarted_protect_copies_only_the_chunks_that_differ() {
     let disk = dir.path().join("disk.img");
     prefilled_disk(&disk, 9);
     let mut repl = Replication::synced_then_changed(dir.path(), &disk, 67);
-    if !repl
-        .protect_log
-        .contains("full sync: copying the whole disk")
-    {
-        repl.fail("the first protect run did not copy the whole disk");
-    }
+    repl.expect_protect_logged(
+        "full sync: copying the whole disk",
+        "the first protect run did not copy the whole disk",
+    );
     repl.start_protect();
     let synced = repl.protect().wait_for_log("full sync complete", PATIENCE);
     repl.stop_protect();
-    if !repl
-        .protect_log
-        .contains("full sync: comparing the disk with the target's copy")
-    {
-        repl.fail("the second protect run did not compare with the target's copy");
-    }
+    repl.expect_protect_logged(
+        "full sync: comparing the disk with the target's copy",
+        "the second protect run did not compare with the target's copy",
+    );
     let chunks = EXACT_DISK / (64 << 10);
     let expected = format!("chunks={chunks} differing=17 bytes={}", 17 << 16);
     if !synced.contains(&expected) {
@@ -125,12 +121,10 @@ fn a_comparison_the_target_breaks_off_falls_back_to_copying_the_whole_disk() {
     repl.crash_target(Duration::from_millis(200));
     let synced = repl.protect().wait_for_log("full sync complete", PATIENCE);
     repl.stop_protect();
-    if !repl
-        .protect_log
-        .contains("full sync: copying the whole disk")
-        || synced.contains("differing=")
-    {
-        repl.fail("protect did not copy the whole disk after the comparison broke off");
+    let no_copy = "protect did not copy the whole disk after the comparison broke off";
+    repl.expect_protect_logged("full sync: copying the whole disk", no_copy);
+    if synced.contains("differing=") {
+        repl.fail(no_copy);
     }
     if !repl
         .crashed_target_logs

@@ -150,6 +150,13 @@ impl Replication {
         panic!("{what}\n{}", self.logs())
     }
 
+    /// Fails with `what` unless the last protect run logged `line`.
+    pub fn expect_protect_logged(&self, line: &str, what: &str) {
+        if !self.protect_log.contains(line) {
+            self.fail(what);
+        }
+    }
+
     /// SIGTERM to protect: it must exit 0 having synced fully and delivered
     /// everything.
     pub fn stop_protect(&mut self) {
@@ -159,9 +166,7 @@ impl Replication {
             "full sync complete",
             "protect stopped; every captured batch is on the target",
         ] {
-            if !self.protect_log.contains(line) {
-                self.fail(&format!("cdp protect did not log {line:?}"));
-            }
+            self.expect_protect_logged(line, &format!("cdp protect did not log {line:?}"));
         }
     }
 
