@@ -531,6 +531,46 @@ fn write_past_the_end_is_enospc_and_consumes_the_payload() {
     stop_and_check_log(filter, &[]);
 }
 
+/// With structured replies, a success without data is a simple reply (the
+/// spec allows it for every command but READ; libnbd reads it with one
+/// `recv`), and an error is still an error chunk that carries a message.
+#[test]
+fn structured_successes_without_data_are_simple_replies() {
+    let (filter, _dir) = start();
+    let mut c = Client::transmitting(&filter, true);
+    let data = pseudo_random(4096, 7);
+    let replies = [
+        ("WRITE", c.write(0, &data)),
+        (
+            "WRITE+FUA",
+            c.cmd(CMD_FLAG_FUA, CMD_WRITE, 4096, 4096, &data),
+        ),
+        ("FLUSH", c.cmd(0, CMD_FLUSH, 0, 0, &[])),
+        ("TRIM", c.cmd(0, CMD_TRIM, 8192, 4096, &[])),
+        ("WRITE_ZEROES", c.cmd(0, CMD_WRITE_ZEROES, 12288, 4096, &[])),
+        ("CACHE", c.cmd(0, CMD_CACHE, 0, 4096, &[])),
+    ];
+    for (what, reply) in replies {
+        assert_eq!(reply.error, 0, "{what}: {reply:?}");
+        assert!(
+            reply.chunks.is_empty(),
+            "{what}: not a simple reply: {reply:?}"
+        );
+    }
+    assert_eq!(c.read(0, 4096).data, data, "the write took effect");
+    let refused = c.write(DISK_SIZE, &data);
+    assert_error(&refused, ENOSPC, "WRITE past the end");
+    let [(_, REPLY_TYPE_ERROR, payload)] = &refused.chunks[..] else {
+        panic!("a refused write is one error chunk: {refused:?}");
+    };
+    assert!(
+        payload.len() > 6,
+        "the error chunk has no message: {refused:?}"
+    );
+    c.disconnect();
+    stop_and_check_log(filter, &[]);
+}
+
 #[test]
 fn block_status_without_a_context_is_einval() {
     let (filter, _dir) = start();

@@ -397,8 +397,12 @@ fn encode_reply(
             );
             ReplyData::Bytes(payload)
         }
+        // A success without data is a simple reply, which the spec allows
+        // for every command but READ (which always has data). Like nbdkit
+        // and qemu-nbd: libnbd reads a simple reply in one `recv`, a chunk
+        // header in two (16 bytes, then the 4 that differ).
         Ok(Done::Nothing) => {
-            put_chunk_header(&mut head, REPLY_FLAG_DONE, REPLY_TYPE_NONE, handle, 0);
+            put_simple_reply(&mut head, 0, handle);
             nothing()
         }
         Err((error, message)) => {
