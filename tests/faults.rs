@@ -244,6 +244,39 @@ fn a_connection_the_target_never_saw_close_does_not_lock_the_source_out() {
     drop(proxy);
 }
 
+/// Case 2c: the target's acknowledgments come back a byte at a time, each
+/// taking longer than an RPO interval (88 bytes at 3 ms), so new batches are
+/// ready while one is half read. The source must read every one whole: no
+/// connection is lost and the replica equals the disk. (Before 5a46c6d the
+/// `select!` that took the next batch dropped the half-read acknowledgment,
+/// and the source read on from the middle of a frame.)
+#[test]
+fn acknowledgments_that_trickle_in_are_read_whole() {
+    require_tools(&["qemu-io"]);
+    let lab = Lab::new();
+    let disk = lab.disk("disk.img", 4);
+    let initial = read_all(&disk);
+    let target = lab.target("127.0.0.1:0");
+    let upstream: SocketAddr = target.addr.parse().expect("target address");
+    let port = free_port();
+    let proxy = Proxy::start_trickling(port, upstream, Duration::from_millis(3));
+    let protect = lab.protect(&disk, &format!("127.0.0.1:{port}"));
+    let writer = Writer::start(&lab.workload, protect.uri(), 0);
+    lab.wait_for_points(3);
+    sleep_ms(2000);
+    let ops = lab.finish(writer);
+    let protect_log = protect.log();
+    lab.stop_ok(protect);
+    let lost = count(&protect_log, "connection to the target lost");
+    if lost > 0 {
+        lab.fail(format!(
+            "protect lost its connection {lost} times to acknowledgments that came slowly"
+        ));
+    }
+    lab.check_replica(&disk, Some((&initial, ops)));
+    drop(proxy);
+}
+
 /// Case 3: protect dies (SIGKILL) mid-stream; a new protect does a full
 /// sync and its newest point equals the disk; points from before the crash
 /// still restore to what the disk held then.

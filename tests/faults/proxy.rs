@@ -24,6 +24,16 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn start(port: u16, upstream: SocketAddr) -> Proxy {
+        Proxy::start_with(port, upstream, None)
+    }
+
+    /// A proxy that passes what the target sends on a byte at a time, one
+    /// every `per_byte`, as a slow or lossy return path would.
+    pub fn start_trickling(port: u16, upstream: SocketAddr, per_byte: Duration) -> Proxy {
+        Proxy::start_with(port, upstream, Some(per_byte))
+    }
+
+    fn start_with(port: u16, upstream: SocketAddr, trickle: Option<Duration>) -> Proxy {
         let listener = crate::common::retry(Duration::from_secs(5), || {
             TcpListener::bind(("127.0.0.1", port)).map_err(|e| e.to_string())
         })
@@ -53,7 +63,10 @@ impl Proxy {
                 let up = (clone(&client), clone(&server), abandoned.clone());
                 let cut = cut.clone();
                 std::thread::spawn(move || pump(up.0, up.1, up.2, Some(cut)));
-                std::thread::spawn(move || pump(server, client, abandoned, None));
+                std::thread::spawn(move || match trickle {
+                    Some(per_byte) => trickle_pump(server, client, per_byte),
+                    None => pump(server, client, abandoned, None),
+                });
             }
         });
         Proxy {
@@ -108,6 +121,23 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         self.shut();
     }
+}
+
+/// Copies `from` to `to` a byte at a time, each in a segment of its own,
+/// until either fails; then closes both.
+fn trickle_pump(mut from: TcpStream, mut to: TcpStream, per_byte: Duration) {
+    to.set_nodelay(true).expect("TCP_NODELAY");
+    let mut buf = vec![0u8; 64 << 10];
+    'copy: while let Ok(n @ 1..) = from.read(&mut buf) {
+        for byte in &buf[..n] {
+            std::thread::sleep(per_byte);
+            if to.write_all(std::slice::from_ref(byte)).is_err() {
+                break 'copy;
+            }
+        }
+    }
+    let _ = from.shutdown(Shutdown::Both);
+    let _ = to.shutdown(Shutdown::Both);
 }
 
 /// Copies `from` to `to` until either fails; then closes both, except the
