@@ -247,9 +247,11 @@ fn a_connection_the_target_never_saw_close_does_not_lock_the_source_out() {
 /// Case 2c: the target's acknowledgments come back a byte at a time, each
 /// taking longer than an RPO interval (88 bytes at 3 ms), so new batches are
 /// ready while one is half read. The source must read every one whole: no
-/// connection is lost and the replica equals the disk. (Before 5a46c6d the
-/// `select!` that took the next batch dropped the half-read acknowledgment,
-/// and the source read on from the middle of a frame.)
+/// connection is lost, up to and including the drain at shutdown, and the
+/// replica equals the disk. (Before 5a46c6d the `select!` that took the
+/// next batch dropped the half-read acknowledgment; the source then read on
+/// from the middle of a frame, took no acknowledgment at all, and failed on
+/// a bad frame header while draining.)
 #[test]
 fn acknowledgments_that_trickle_in_are_read_whole() {
     require_tools(&["qemu-io"]);
@@ -265,8 +267,7 @@ fn acknowledgments_that_trickle_in_are_read_whole() {
     lab.wait_for_points(3);
     sleep_ms(2000);
     let ops = lab.finish(writer);
-    let protect_log = protect.log();
-    lab.stop_ok(protect);
+    let protect_log = lab.stop_ok(protect);
     let lost = count(&protect_log, "connection to the target lost");
     if lost > 0 {
         lab.fail(format!(

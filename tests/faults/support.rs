@@ -181,12 +181,14 @@ impl Lab {
         self.start("protect", &self.protect_args(disk, target, &self.key))
     }
 
-    /// Stops a daemon with SIGTERM and asserts it exited 0.
-    pub fn stop_ok(&self, mut daemon: Daemon) {
+    /// Stops a daemon with SIGTERM, asserts it exited 0, and returns all it
+    /// logged.
+    pub fn stop_ok(&self, mut daemon: Daemon) -> String {
         let status = daemon.stop();
         if !status.success() {
             self.fail(format!("{} exited with {status}", daemon.log.display()));
         }
+        daemon.log()
     }
 
     /// Runs `cdp ARGS` to completion (killing it after 60 s).
