@@ -16,7 +16,7 @@ mod support;
 mod workload;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
@@ -185,31 +185,24 @@ impl FillingTarget {
 fn cut_connections_are_resumed_without_loss() {
     require_tools(&["qemu-io"]);
     let lab = Lab::new();
-    let disk = lab.disk("disk.img", 2);
-    let initial = read_all(&disk);
-    let target = lab.target("127.0.0.1:0");
-    let upstream: SocketAddr = target.addr.parse().expect("target address");
-    let port = free_port();
-    let mut proxy = Proxy::start(port, upstream);
-    let protect = lab.protect(&disk, &format!("127.0.0.1:{port}"));
-    let writer = Writer::start(&lab.workload, protect.uri(), 0);
+    let mut r = ProxiedReplication::start(&lab, 2, Proxy::start);
     lab.wait_for_points(1);
     for _ in 0..3 {
         sleep_ms(500);
-        proxy.cut_mid_frame();
+        r.proxy.cut_mid_frame();
         sleep_ms(500);
-        proxy.stop();
+        r.proxy.stop();
         sleep_ms(300);
-        proxy = Proxy::start(port, upstream);
+        r.proxy = Proxy::start(r.port, r.upstream);
     }
     sleep_ms(700);
-    let ops = lab.finish(writer);
-    let protect_log = protect.log();
-    lab.stop_ok(protect);
+    let ops = lab.finish(r.writer);
+    let protect_log = r.protect.log();
+    lab.stop_ok(r.protect);
     if count(&protect_log, "connection to the target lost") < 6 {
         lab.fail("protect did not see all 6 lost connections");
     }
-    lab.check_replica(&disk, Some((&initial, ops)));
+    lab.check_replica(&r.disk, Some((&r.initial, ops)));
 }
 
 /// Case 2b: the network fails without the target hearing of it (no FIN, no
@@ -221,27 +214,19 @@ fn cut_connections_are_resumed_without_loss() {
 fn a_connection_the_target_never_saw_close_does_not_lock_the_source_out() {
     require_tools(&["qemu-io"]);
     let lab = Lab::new();
-    let disk = lab.disk("disk.img", 3);
-    let initial = read_all(&disk);
-    let target = lab.target("127.0.0.1:0");
-    let upstream: SocketAddr = target.addr.parse().expect("target address");
-    let port = free_port();
-    let proxy = Proxy::start(port, upstream);
-    let mut protect = lab.protect(&disk, &format!("127.0.0.1:{port}"));
-    let writer = Writer::start(&lab.workload, protect.uri(), 0);
+    let mut r = ProxiedReplication::start(&lab, 3, Proxy::start);
     lab.wait_for_points(1);
     sleep_ms(500);
-    proxy.abandon_connections();
+    r.proxy.abandon_connections();
     sleep_ms(1500);
-    if let Some(status) = protect.wait(Duration::from_millis(1)) {
+    if let Some(status) = r.protect.wait(Duration::from_millis(1)) {
         lab.fail(format!(
             "protect gave up ({status}) after the connection failed silently"
         ));
     }
-    let ops = lab.finish(writer);
-    lab.stop_ok(protect);
-    lab.check_replica(&disk, Some((&initial, ops)));
-    drop(proxy);
+    let ops = lab.finish(r.writer);
+    lab.stop_ok(r.protect);
+    lab.check_replica(&r.disk, Some((&r.initial, ops)));
 }
 
 /// Case 2c: the target's acknowledgments come back a byte at a time, each
@@ -256,26 +241,20 @@ fn a_connection_the_target_never_saw_close_does_not_lock_the_source_out() {
 fn acknowledgments_that_trickle_in_are_read_whole() {
     require_tools(&["qemu-io"]);
     let lab = Lab::new();
-    let disk = lab.disk("disk.img", 4);
-    let initial = read_all(&disk);
-    let target = lab.target("127.0.0.1:0");
-    let upstream: SocketAddr = target.addr.parse().expect("target address");
-    let port = free_port();
-    let proxy = Proxy::start_trickling(port, upstream, Duration::from_millis(3));
-    let protect = lab.protect(&disk, &format!("127.0.0.1:{port}"));
-    let writer = Writer::start(&lab.workload, protect.uri(), 0);
+    let r = ProxiedReplication::start(&lab, 4, |port, upstream| {
+        Proxy::start_trickling(port, upstream, Duration::from_millis(3))
+    });
     lab.wait_for_points(3);
     sleep_ms(2000);
-    let ops = lab.finish(writer);
-    let protect_log = lab.stop_ok(protect);
+    let ops = lab.finish(r.writer);
+    let protect_log = lab.stop_ok(r.protect);
     let lost = count(&protect_log, "connection to the target lost");
     if lost > 0 {
         lab.fail(format!(
             "protect lost its connection {lost} times to acknowledgments that came slowly"
         ));
     }
-    lab.check_replica(&disk, Some((&initial, ops)));
-    drop(proxy);
+    lab.check_replica(&r.disk, Some((&r.initial, ops)));
 }
 
 /// Case 3: protect dies (SIGKILL) mid-stream; a new protect does a full

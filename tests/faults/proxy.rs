@@ -2,12 +2,53 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::common::read_all;
 use crate::support::*;
+use crate::workload::Writer;
+
+/// `cdp target`, a proxy in front of it, and `cdp protect` of a seeded disk
+/// replicating through the proxy while a writer writes to it.
+pub struct ProxiedReplication {
+    pub disk: PathBuf,
+    /// What the disk held before protect started.
+    pub initial: Vec<u8>,
+    pub port: u16,
+    pub upstream: SocketAddr,
+    pub proxy: Proxy,
+    pub protect: Daemon,
+    pub writer: Writer,
+    _target: Daemon,
+}
+
+impl ProxiedReplication {
+    /// `proxy` starts the proxy on a free port in front of the target.
+    pub fn start(lab: &Lab, seed: u64, proxy: impl FnOnce(u16, SocketAddr) -> Proxy) -> Self {
+        let disk = lab.disk("disk.img", seed);
+        let initial = read_all(&disk);
+        let target = lab.target("127.0.0.1:0");
+        let upstream: SocketAddr = target.addr.parse().expect("target address");
+        let port = free_port();
+        let proxy = proxy(port, upstream);
+        let protect = lab.protect(&disk, &format!("127.0.0.1:{port}"));
+        let writer = Writer::start(&lab.workload, protect.uri(), 0);
+        ProxiedReplication {
+            disk,
+            initial,
+            port,
+            upstream,
+            proxy,
+            protect,
+            writer,
+            _target: target,
+        }
+    }
+}
 
 /// One proxied connection: client side, upstream side, abandoned.
 type Conn = (TcpStream, TcpStream, Arc<AtomicBool>);
