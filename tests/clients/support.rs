@@ -337,10 +337,11 @@ pub fn check_qemu_io(filter: &Filter, backing: &Path) -> Vec<u8> {
 
 /// argv: URI BACKING MODE START LENGTH SEED. Request i puts from 4 KiB up
 /// to a slot of seeded random bytes (whole pages for every other request) at
-/// a seeded offset in the i-th of 256 slots of [START, START+LENGTH). MODE "write": issue the 256 aio_pwrites at once (in
-/// shuffled order), then check. Both modes check: 256 aio_preads at once, each
-/// compared with what was written, then the backing (after a flush). Exits 1
-/// after printing every mismatch.
+/// a seeded offset in the i-th of 256 slots of [START, START+LENGTH). MODE
+/// "write": issue the 256 aio_pwrites at once (in shuffled order), then
+/// check. Both modes check: 256 aio_preads at once, each compared with what
+/// was written, then the backing (after a flush). Exits 1 after printing
+/// every mismatch.
 pub const AIO_SCRIPT: &str = r#"
 import os, random, sys
 import nbd
@@ -349,7 +350,7 @@ uri, backing, mode = sys.argv[1:4]
 start, length, seed = (int(arg) for arg in sys.argv[4:7])
 COUNT = 256
 slot = length // COUNT
-assert slot >= 65536 and start % 4096 == 0, "the region must hold 256 slots of 64 KiB"
+assert slot >= 65536 and start % 4096 == 0, "the region must start on a page and hold 256 slots of 64 KiB"
 requests = []
 for i in range(COUNT):
     rng = random.Random(seed * 1000003 + i)
