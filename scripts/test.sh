@@ -20,7 +20,7 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== loom model checks of our lock-free code (cfg cdp_loom)"
 RUSTFLAGS="--cfg cdp_loom" CARGO_TARGET_DIR=target/loom \
-  cargo test -p filter --release --locked --lib wake:: 2>&1 | tee /dev/stderr | grep -q "test result: ok. 2 passed"
+  cargo test -p filter --release --locked --lib -- wake:: combine:: 2>&1 | tee /dev/stderr | grep -q "test result: ok. 3 passed"
 echo "== cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -6,6 +6,7 @@
 //! together. The data path is drawn in `docs/ARCHITECTURE.md`.
 pub mod backing;
 pub mod capture;
+pub mod combine;
 pub mod device;
 pub mod nbd;
 pub mod protected;

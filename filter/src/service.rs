@@ -9,8 +9,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backing::{Backing, BackingError, BackingOptions};
 use crate::capture::log::{LogError, LogWriter};
-use crate::capture::sink::{CaptureSink, SinkStats};
-use crate::capture::{capture_ring, CaptureReceiver};
+use crate::capture::ring::Delivered;
+use crate::capture::sink::CaptureSink;
+use crate::capture::CaptureSender;
 use crate::nbd::{Export, ExportConfig};
 use crate::protected::ProtectedDisk;
 use crate::server::{self, ListenAddr, Listener};
@@ -46,7 +47,7 @@ pub enum FilterError {
 /// What a finished filter did.
 #[derive(Debug, Clone, Copy)]
 pub struct FilterSummary {
-    pub capture: SinkStats,
+    pub capture: Delivered,
 }
 
 /// A filter whose disk is open and whose sockets are bound, not yet serving.
@@ -70,22 +71,21 @@ impl StartedFilter {
     }
 }
 
-/// Opens the backing disk, creates the capture ring (numbered from
-/// `first_seq`) and binds the listeners. The caller consumes the ring.
+/// Binds the listeners for `backing`, whose changes go to `capture` (the
+/// caller consumes the ring).
 pub async fn start(
     config: &FilterConfig,
     backing: Backing,
-    first_seq: u64,
-) -> Result<(StartedFilter, CaptureReceiver), FilterError> {
+    capture: CaptureSender,
+) -> Result<StartedFilter, FilterError> {
     tracing::info!(
         disk = %config.disk.display(),
         size = backing.size(),
         engine = backing.engine_name(),
         direct = config.backing.direct,
-        first_seq,
+        first_seq = capture.next_seq(),
         "backing disk open"
     );
-    let (sender, receiver) = capture_ring(config.ring_budget, first_seq);
     let mut listeners = Vec::new();
     for addr in &config.listen {
         let listener = Listener::bind(addr)
@@ -98,9 +98,9 @@ pub async fn start(
     }
     let export = Arc::new(Export {
         config: config.export.clone(),
-        device: ProtectedDisk::new(backing, sender),
+        device: ProtectedDisk::new(backing, capture),
     });
-    Ok((StartedFilter { export, listeners }, receiver))
+    Ok(StartedFilter { export, listeners })
 }
 
 /// Runs the filter on its own (`cdp filter`) until `shutdown` is cancelled
@@ -119,10 +119,11 @@ pub async fn run(
         }
         None => (CaptureSink::Discard, 0),
     };
-    let (filter, receiver) = start(&config, backing, first_seq).await?;
+    let (capture, sink) = sink.start(config.ring_budget, first_seq);
+    let filter = start(&config, backing, capture).await?;
     let sink_shutdown = shutdown.clone();
     let sink = tokio::task::spawn_blocking(move || {
-        let result = sink.drain(receiver);
+        let result = sink.finish();
         if let Err(e) = &result {
             tracing::error!(error = %e, "capture sink failed; shutting down");
             sink_shutdown.cancel();

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use filter::backing::{Backing, BackingError};
+use filter::capture::capture_ring;
 use filter::device::{BlockDevice, DeviceError};
 use filter::nbd::Export;
 use filter::protected::ProtectedDisk;
@@ -99,7 +100,8 @@ pub async fn run(
         disk_id: disk_id(&config.filter.disk, backing.size()),
         disk_size: backing.size(),
     };
-    let (filter, receiver) = service::start(&config.filter, backing, 0).await?;
+    let (capture, receiver) = capture_ring(config.filter.ring_budget, 0);
+    let filter = service::start(&config.filter, backing, capture).await?;
 
     let (batches_tx, batches_rx) = mpsc::channel(4);
     let rpo = config.rpo;

@@ -12,5 +12,8 @@ pub mod sink;
 pub mod tag;
 
 pub use record::{Record, RecordKind};
-pub use ring::{capture_ring, CaptureClosed, CaptureReceiver, CaptureSender};
+pub use ring::{
+    capture_ring, capture_ring_inline, CaptureClosed, CaptureReceiver, CaptureSender, Delivered,
+    InlineReceiver,
+};
 pub use tag::{Tag, TagError, MAX_TAG_LEN};

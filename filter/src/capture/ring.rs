@@ -9,11 +9,21 @@
 //!   credits when the ring is full (back-pressure reaches the NBD client);
 //!   the consumer returns credits only when it hands a record out in order;
 //! - one `AtomicU64` hands out sequence numbers;
-//! - the consumer sleeps on a `crossbeam_utils::sync::Parker`: while records
-//!   flow it ticks (wakes at least every [`CONSUMER_TICK`]), and after a
-//!   tick with nothing new it sleeps until the next push, so an idle filter
-//!   costs no CPU. Producers learn that it sleeps through the loom-checked
-//!   handshake of [`crate::wake`].
+//! - the consumer is either a thread of its own ([`capture_ring`], for
+//!   consumers that make system calls, like the capture log) or the
+//!   producers themselves, one at a time ([`capture_ring_inline`], for
+//!   consumers cheap enough to run on a connection's thread).
+//!
+//! A consumer thread sleeps on a `crossbeam_utils::sync::Parker`: while
+//! records flow it ticks (wakes at least every [`CONSUMER_TICK`]), and after
+//! a tick with nothing new it sleeps until the next push, so an idle filter
+//! costs no CPU. Producers learn that it sleeps through the loom-checked
+//! handshake of [`crate::wake`]. Waking it costs a context switch, which on a
+//! machine whose cores are all busy preempts a connection's thread: about
+//! 20 µs, once per MiB of writes. An inline consumer costs none: a producer
+//! that has pushed takes the consumer's turn if it is free and drains the
+//! ring, other producers' records included, through the loom-checked
+//! handshake of [`crate::combine`], which strands nothing.
 //!
 //! Ordering. A producer takes its sequence number and pushes with no await in
 //! between, so records reach the queue almost in order; the consumer puts the
@@ -37,6 +47,7 @@ use crossbeam_utils::sync::{Parker, Unparker};
 use tokio::sync::Semaphore;
 
 use super::record::{Record, RecordKind};
+use crate::combine::Combiner;
 use crate::wake::{AfterPush, WakeState};
 
 /// Longest a record waits in the ring for a consumer that nobody woke.
@@ -45,7 +56,7 @@ const CONSUMER_TICK: Duration = Duration::from_millis(2);
 /// Bytes of record data one credit stands for.
 const CREDIT_BYTES: usize = 4096;
 
-/// Record data waiting in the ring that is worth waking the consumer for.
+/// Record data waiting in the ring that is worth waking a consumer thread for.
 /// Large writes should not wait for the tick: a payload buffer the consumer
 /// has dropped is handed back by the allocator to the next request while its
 /// cache lines are still warm, and with 2 ms of 1 MiB writes queued the
@@ -62,57 +73,185 @@ struct Shared {
     queue: ArrayQueue<Record>,
     credits: Semaphore,
     total_credits: usize,
-    /// Records waiting that are worth waking the consumer for.
-    wake_batch: usize,
-    /// Credits in use (data not yet handed out) worth waking it for.
-    wake_credits: usize,
     /// The next sequence number to hand out. Relaxed: see the module docs.
     next_seq: AtomicU64,
     /// Live [`CaptureSender`]s. AcqRel on decrement so that the last sender's
     /// pushes happen-before the receiver seeing zero (it loads with Acquire).
     senders: AtomicUsize,
-    /// Whether the consumer sleeps without a tick, so that the next push
-    /// must wake it.
-    consumer_state: WakeState,
-    consumer: Unparker,
+    /// Unparks the receiver: a consumer thread when records are worth it,
+    /// and either kind of receiver when the last sender goes.
+    receiver: Unparker,
+    consumer: Consumer,
 }
 
-impl Shared {
-    fn cost(&self, data_len: usize) -> usize {
-        (1 + data_len.div_ceil(CREDIT_BYTES)).min(self.total_credits)
-    }
+/// Who drains the ring.
+enum Consumer {
+    /// A thread of its own, through a [`CaptureReceiver`].
+    Thread(ThreadWake),
+    /// The producers, one at a time.
+    Inline(Combiner<InlineConsumer>),
+}
 
+/// When producers wake a consumer thread.
+struct ThreadWake {
+    /// Records waiting that are worth waking it for.
+    batch: usize,
+    /// Credits in use (data not yet handed out) worth waking it for.
+    credits: usize,
+    /// Whether it sleeps without a tick, so that the next push must wake it.
+    state: WakeState,
+}
+
+impl ThreadWake {
     /// Whether the records now in the ring are worth a context switch of
     /// the consumer: a batch of records, a barrier, or [`WAKE_BYTES`] of
     /// data (or half the ring, if smaller). Anything less it finds by itself
     /// within a [`CONSUMER_TICK`].
-    fn worth_waking(&self, barrier: bool) -> bool {
-        let credits_in_use = self.total_credits - self.credits.available_permits();
-        barrier || self.queue.len() >= self.wake_batch || credits_in_use >= self.wake_credits
+    fn worth_waking(&self, shared: &Shared, barrier: bool) -> bool {
+        let credits_in_use = shared.total_credits - shared.credits.available_permits();
+        barrier || shared.queue.len() >= self.batch || credits_in_use >= self.credits
     }
 }
 
+/// The consumer of an inline ring, with where it stands.
+struct InlineConsumer {
+    cursor: Cursor,
+    consume: Box<dyn FnMut(Record) + Send>,
+}
+
+impl InlineConsumer {
+    fn drain(&mut self, shared: &Shared) {
+        while let Some(record) = self.cursor.try_next(shared) {
+            (self.consume)(record);
+        }
+    }
+}
+
+/// What a consumer has been handed so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Delivered {
+    pub records: u64,
+    pub data_bytes: u64,
+    /// Sequence number of the next record to hand out.
+    pub next_seq: u64,
+}
+
+/// Where a consumer stands: the records that overtook the next one in
+/// sequence wait in a small reorder map.
+struct Cursor {
+    delivered: Delivered,
+    reorder: BTreeMap<u64, Record>,
+}
+
+impl Cursor {
+    fn new(first_seq: u64) -> Self {
+        Cursor {
+            delivered: Delivered {
+                next_seq: first_seq,
+                ..Default::default()
+            },
+            reorder: BTreeMap::new(),
+        }
+    }
+
+    /// The next record in sequence, if one is ready now; gives its credits
+    /// back.
+    fn try_next(&mut self, shared: &Shared) -> Option<Record> {
+        let next = self.delivered.next_seq;
+        let record = match self.reorder.remove(&next) {
+            Some(record) => record,
+            None => loop {
+                let record = shared.queue.pop()?;
+                if record.seq == next {
+                    break record;
+                }
+                self.reorder.insert(record.seq, record);
+            },
+        };
+        self.delivered.next_seq += 1;
+        self.delivered.records += 1;
+        self.delivered.data_bytes += record.data.len() as u64;
+        shared.credits.add_permits(shared.cost(record.data.len()));
+        Some(record)
+    }
+}
+
+impl Shared {
+    fn new(budget_bytes: usize, first_seq: u64, receiver: Unparker, consumer: Consumer) -> Self {
+        let total_credits = credits_for(budget_bytes);
+        Shared {
+            queue: ArrayQueue::new(total_credits),
+            credits: Semaphore::new(total_credits),
+            total_credits,
+            next_seq: AtomicU64::new(first_seq),
+            senders: AtomicUsize::new(1),
+            receiver,
+            consumer,
+        }
+    }
+
+    fn cost(&self, data_len: usize) -> usize {
+        (1 + data_len.div_ceil(CREDIT_BYTES)).min(self.total_credits)
+    }
+
+    /// Whether every sender is gone; every push happened-before.
+    fn closed(&self) -> bool {
+        self.senders.load(Ordering::Acquire) == 0
+    }
+}
+
+fn credits_for(budget_bytes: usize) -> usize {
+    (budget_bytes / CREDIT_BYTES).max(2)
+}
+
 /// Creates a ring holding at most about `budget_bytes` of record data, whose
-/// first record gets sequence number `first_seq`.
+/// first record gets sequence number `first_seq`, drained by a thread of its
+/// own through the [`CaptureReceiver`].
 pub fn capture_ring(budget_bytes: usize, first_seq: u64) -> (CaptureSender, CaptureReceiver) {
-    let total_credits = (budget_bytes / CREDIT_BYTES).max(2);
+    let total_credits = credits_for(budget_bytes);
+    let wake = ThreadWake {
+        batch: (total_credits / 4).clamp(1, 64),
+        credits: (WAKE_BYTES / CREDIT_BYTES).min(total_credits / 2),
+        state: WakeState::new(),
+    };
     let parker = Parker::new();
-    let shared = Arc::new(Shared {
-        queue: ArrayQueue::new(total_credits),
-        credits: Semaphore::new(total_credits),
-        total_credits,
-        wake_batch: (total_credits / 4).clamp(1, 64),
-        wake_credits: (WAKE_BYTES / CREDIT_BYTES).min(total_credits / 2),
-        next_seq: AtomicU64::new(first_seq),
-        senders: AtomicUsize::new(1),
-        consumer_state: WakeState::new(),
-        consumer: parker.unparker().clone(),
-    });
+    let shared = Arc::new(Shared::new(
+        budget_bytes,
+        first_seq,
+        parker.unparker().clone(),
+        Consumer::Thread(wake),
+    ));
     let receiver = CaptureReceiver {
         shared: shared.clone(),
         parker,
-        next: first_seq,
-        reorder: BTreeMap::new(),
+        cursor: Cursor::new(first_seq),
+    };
+    (CaptureSender { shared }, receiver)
+}
+
+/// Creates a ring like [`capture_ring`] whose records the producers hand to
+/// `consume` themselves, in sequence order, one producer at a time, before
+/// their `send` returns (or another producer's does). `consume` runs on the
+/// connections' threads: it must be quick and must not block.
+pub fn capture_ring_inline(
+    budget_bytes: usize,
+    first_seq: u64,
+    consume: impl FnMut(Record) + Send + 'static,
+) -> (CaptureSender, InlineReceiver) {
+    let consumer = InlineConsumer {
+        cursor: Cursor::new(first_seq),
+        consume: Box::new(consume),
+    };
+    let parker = Parker::new();
+    let shared = Arc::new(Shared::new(
+        budget_bytes,
+        first_seq,
+        parker.unparker().clone(),
+        Consumer::Inline(Combiner::new(consumer)),
+    ));
+    let receiver = InlineReceiver {
+        shared: shared.clone(),
+        parker,
     };
     (CaptureSender { shared }, receiver)
 }
@@ -154,11 +293,20 @@ impl CaptureSender {
         if self.shared.queue.push(record).is_err() {
             unreachable!("a producer holding credits always finds a free slot");
         }
-        // Waking a ticking consumer for every small record would cost a
-        // context switch each; a sleeping one must be woken.
-        let asleep = self.shared.consumer_state.after_push() == AfterPush::Wake;
-        if asleep || self.shared.worth_waking(barrier) {
-            self.shared.consumer.unpark();
+        let shared = &*self.shared;
+        match &shared.consumer {
+            Consumer::Thread(wake) => {
+                // Waking a ticking consumer for every small record would
+                // cost a context switch each; a sleeping one must be woken.
+                let asleep = wake.state.after_push() == AfterPush::Wake;
+                if asleep || wake.worth_waking(shared, barrier) {
+                    shared.receiver.unpark();
+                }
+            }
+            Consumer::Inline(combiner) => combiner.after_push(
+                || shared.queue.is_empty(),
+                |consumer| consumer.drain(shared),
+            ),
         }
         Ok(seq)
     }
@@ -183,7 +331,7 @@ impl Clone for CaptureSender {
 impl Drop for CaptureSender {
     fn drop(&mut self) {
         if self.shared.senders.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.shared.consumer.unpark();
+            self.shared.receiver.unpark();
         }
     }
 }
@@ -196,27 +344,18 @@ impl std::fmt::Debug for CaptureSender {
     }
 }
 
-/// The consuming side: hands records out in sequence order, with no gaps.
+/// The consuming side of a [`capture_ring`]: hands records out in sequence
+/// order, with no gaps.
 pub struct CaptureReceiver {
     shared: Arc<Shared>,
     parker: Parker,
-    next: u64,
-    reorder: BTreeMap<u64, Record>,
+    cursor: Cursor,
 }
 
 impl CaptureReceiver {
     /// The next record in sequence, if one is ready now.
     pub fn try_recv(&mut self) -> Option<Record> {
-        loop {
-            if let Some(record) = self.reorder.remove(&self.next) {
-                return Some(self.deliver(record));
-            }
-            let record = self.shared.queue.pop()?;
-            if record.seq == self.next {
-                return Some(self.deliver(record));
-            }
-            self.reorder.insert(record.seq, record);
-        }
+        self.cursor.try_next(&self.shared)
     }
 
     /// The next record in sequence, waiting for it; `None` once every sender
@@ -227,7 +366,7 @@ impl CaptureReceiver {
             if let Some(record) = self.try_recv() {
                 return Some(record);
             }
-            if self.shared.senders.load(Ordering::Acquire) == 0 {
+            if self.shared.closed() {
                 // Every push happened-before the last sender's drop; one more
                 // look finds whatever was pushed last.
                 return self.try_recv();
@@ -248,24 +387,23 @@ impl CaptureReceiver {
     /// dropped, which always unparks; an unpark that comes first makes the
     /// park return at once).
     fn sleep_until_pushed(&mut self) {
-        let state = &self.shared.consumer_state;
-        if state.may_sleep(|| self.shared.queue.is_empty()) {
+        let Consumer::Thread(wake) = &self.shared.consumer else {
+            unreachable!("a CaptureReceiver is made only for a consumer thread")
+        };
+        if wake.state.may_sleep(|| self.shared.queue.is_empty()) {
             self.parker.park();
         }
-        state.awake();
+        wake.state.awake();
     }
 
     /// The sequence number of the next record to be handed out.
     pub fn next_seq(&self) -> u64 {
-        self.next
+        self.cursor.delivered.next_seq
     }
 
-    fn deliver(&mut self, record: Record) -> Record {
-        self.next += 1;
-        self.shared
-            .credits
-            .add_permits(self.shared.cost(record.data.len()));
-        record
+    /// What was handed out so far.
+    pub fn delivered(&self) -> Delivered {
+        self.cursor.delivered
     }
 }
 
@@ -279,9 +417,45 @@ impl Drop for CaptureReceiver {
 impl std::fmt::Debug for CaptureReceiver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CaptureReceiver")
-            .field("next_seq", &self.next)
-            .field("reordering", &self.reorder.len())
+            .field("delivered", &self.cursor.delivered)
+            .field("reordering", &self.cursor.reorder.len())
             .finish()
+    }
+}
+
+/// The receiving side of a [`capture_ring_inline`]: the producers consume,
+/// and this waits for the stream to end.
+pub struct InlineReceiver {
+    shared: Arc<Shared>,
+    parker: Parker,
+}
+
+impl InlineReceiver {
+    /// Blocks until every sender is gone, and returns what the consumer
+    /// was handed. By then every record has been consumed: each producer's
+    /// `send` returned only after its record was consumed or another
+    /// producer had the turn and was bound to see it.
+    pub fn wait_closed(self) -> Delivered {
+        while !self.shared.closed() {
+            // The last sender's drop unparks; an unpark that comes first
+            // makes the park return at once.
+            self.parker.park();
+        }
+        let Consumer::Inline(combiner) = &self.shared.consumer else {
+            unreachable!("an InlineReceiver is made only for an inline consumer")
+        };
+        let consumer = combiner.lock();
+        debug_assert!(
+            self.shared.queue.is_empty() && consumer.cursor.reorder.is_empty(),
+            "records left behind in an inline ring"
+        );
+        consumer.cursor.delivered
+    }
+}
+
+impl std::fmt::Debug for InlineReceiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InlineReceiver").finish_non_exhaustive()
     }
 }
 
@@ -291,18 +465,45 @@ mod tests {
     use proptest::prelude::*;
     use std::collections::HashSet;
 
+    /// Who drains the ring in [`run`].
+    #[derive(Debug, Clone, Copy)]
+    enum Drainer {
+        Thread,
+        Inline,
+    }
+
     /// Runs `producers` tasks on a multi-threaded runtime, each sending
-    /// `per_producer` records whose offset encodes (producer, index), while a
-    /// consumer thread drains the ring. Returns what the consumer saw.
-    fn run(budget: usize, producers: u64, per_producer: u64, data_len: usize) -> Vec<Record> {
-        let (sender, mut receiver) = capture_ring(budget, 1000);
-        let consumer = std::thread::spawn(move || {
-            let mut seen = Vec::new();
-            while let Some(record) = receiver.recv() {
-                seen.push(record);
+    /// `per_producer` records whose offset encodes (producer, index), while
+    /// `drainer` drains the ring. Returns what the consumer saw, and what the
+    /// receiver says it was handed.
+    fn run(
+        drainer: Drainer,
+        budget: usize,
+        producers: u64,
+        per_producer: u64,
+        data_len: usize,
+    ) -> (Vec<Record>, Delivered) {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (sender, consumer) = match drainer {
+            Drainer::Thread => {
+                let (sender, mut receiver) = capture_ring(budget, 1000);
+                let seen = seen.clone();
+                let consumer = std::thread::spawn(move || {
+                    while let Some(record) = receiver.recv() {
+                        seen.lock().unwrap().push(record);
+                    }
+                    receiver.delivered()
+                });
+                (sender, consumer)
             }
-            seen
-        });
+            Drainer::Inline => {
+                let into = seen.clone();
+                let (sender, receiver) = capture_ring_inline(budget, 1000, move |record| {
+                    into.lock().unwrap().push(record)
+                });
+                (sender, std::thread::spawn(move || receiver.wait_closed()))
+            }
+        };
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .build()
@@ -332,7 +533,50 @@ mod tests {
                 task.await.unwrap();
             }
         });
-        consumer.join().unwrap()
+        let delivered = consumer.join().unwrap();
+        let seen = std::mem::take(&mut *seen.lock().unwrap());
+        (seen, delivered)
+    }
+
+    /// Checks what [`run`] saw.
+    fn check_stream(
+        (seen, delivered): (Vec<Record>, Delivered),
+        producers: u64,
+        per_producer: u64,
+        data_len: usize,
+    ) -> Result<(), TestCaseError> {
+        prop_assert_eq!(seen.len() as u64, producers * per_producer);
+        for (i, record) in seen.iter().enumerate() {
+            prop_assert_eq!(
+                record.seq,
+                1000 + i as u64,
+                "gap or reorder at position {}",
+                i
+            );
+            prop_assert_eq!(record.data.len(), data_len);
+        }
+        let distinct: HashSet<u64> = seen.iter().map(|r| r.offset).collect();
+        prop_assert_eq!(distinct.len(), seen.len(), "a record was delivered twice");
+        // Each producer's records come out in the order it sent them.
+        for p in 0..producers {
+            let mine: Vec<u64> = seen
+                .iter()
+                .filter(|r| r.offset >> 32 == p)
+                .map(|r| r.offset & 0xffff_ffff)
+                .collect();
+            prop_assert!(
+                mine.windows(2).all(|w| w[0] < w[1]),
+                "producer {} out of order",
+                p
+            );
+        }
+        let expected = Delivered {
+            records: seen.len() as u64,
+            data_bytes: seen.len() as u64 * data_len as u64,
+            next_seq: 1000 + seen.len() as u64,
+        };
+        prop_assert_eq!(delivered, expected);
+        Ok(())
     }
 
     proptest! {
@@ -345,20 +589,46 @@ mod tests {
             per_producer in 1u64..300,
             data_len in 0usize..10_000,
         ) {
-            let seen = run(budget_pages * CREDIT_BYTES, producers, per_producer, data_len);
-            prop_assert_eq!(seen.len() as u64, producers * per_producer);
-            for (i, record) in seen.iter().enumerate() {
-                prop_assert_eq!(record.seq, 1000 + i as u64, "gap or reorder at position {}", i);
-                prop_assert_eq!(record.data.len(), data_len);
-            }
-            let distinct: HashSet<u64> = seen.iter().map(|r| r.offset).collect();
-            prop_assert_eq!(distinct.len(), seen.len(), "a record was delivered twice");
-            // Each producer's records come out in the order it sent them.
-            for p in 0..producers {
-                let mine: Vec<u64> = seen.iter().filter(|r| r.offset >> 32 == p).map(|r| r.offset & 0xffff_ffff).collect();
-                prop_assert!(mine.windows(2).all(|w| w[0] < w[1]), "producer {} out of order", p);
-            }
+            let stream = run(Drainer::Thread, budget_pages * CREDIT_BYTES, producers, per_producer, data_len);
+            check_stream(stream, producers, per_producer, data_len)?;
         }
+
+        #[test]
+        fn nothing_lost_doubled_or_reordered_when_producers_consume(
+            budget_pages in 2usize..64,
+            producers in 1u64..6,
+            per_producer in 1u64..300,
+            data_len in 0usize..10_000,
+        ) {
+            let stream = run(Drainer::Inline, budget_pages * CREDIT_BYTES, producers, per_producer, data_len);
+            check_stream(stream, producers, per_producer, data_len)?;
+        }
+    }
+
+    #[test]
+    fn an_inline_consumer_has_a_lone_record_before_its_send_returns() {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let into = seen.clone();
+        let (sender, receiver) = capture_ring_inline(1 << 20, 7, move |record: Record| {
+            into.lock().unwrap().push(record.seq)
+        });
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        for expected in 7..10 {
+            let seq = runtime
+                .block_on(sender.send(RecordKind::Write, false, 0, 1, Bytes::from_static(b"x")))
+                .unwrap();
+            assert_eq!(seq, expected);
+            assert_eq!(
+                seen.lock().unwrap().last(),
+                Some(&expected),
+                "record {seq} not consumed yet"
+            );
+        }
+        drop(sender);
+        let delivered = receiver.wait_closed();
+        assert_eq!((delivered.records, delivered.next_seq), (3, 10));
     }
 
     #[test]
@@ -403,23 +673,35 @@ mod tests {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let shared = &sender.shared;
+        let shared = &*sender.shared;
+        let Consumer::Thread(wake) = &shared.consumer else {
+            panic!("capture_ring has a consumer thread")
+        };
         let write = |len: usize| {
             let data = Bytes::from(vec![1u8; len]);
             runtime.block_on(sender.send(RecordKind::Write, false, 0, len as u64, data))
         };
         write(64 << 10).unwrap();
-        assert!(!shared.worth_waking(false), "64 KiB waits for the tick");
-        assert!(shared.worth_waking(true), "a barrier is always worth it");
+        assert!(
+            !wake.worth_waking(shared, false),
+            "64 KiB waits for the tick"
+        );
+        assert!(
+            wake.worth_waking(shared, true),
+            "a barrier is always worth it"
+        );
         write(WAKE_BYTES - (64 << 10)).unwrap();
-        assert!(shared.worth_waking(false), "1 MiB of data is worth it");
+        assert!(
+            wake.worth_waking(shared, false),
+            "1 MiB of data is worth it"
+        );
         while receiver.try_recv().is_some() {}
-        assert!(!shared.worth_waking(false), "drained");
-        for _ in 0..shared.wake_batch {
+        assert!(!wake.worth_waking(shared, false), "drained");
+        for _ in 0..wake.batch {
             write(512).unwrap();
         }
         assert!(
-            shared.worth_waking(false),
+            wake.worth_waking(shared, false),
             "a batch of small records is worth it"
         );
     }

@@ -2,7 +2,8 @@
 //! nowhere (drained and dropped, so capture still costs what it costs).
 
 use super::log::{LogError, LogWriter};
-use super::ring::CaptureReceiver;
+use super::ring::{capture_ring, capture_ring_inline, CaptureReceiver, Delivered, InlineReceiver};
+use super::CaptureSender;
 
 /// The consumer of a capture ring.
 #[derive(Debug)]
@@ -11,49 +12,66 @@ pub enum CaptureSink {
     Discard,
 }
 
-/// What a sink consumed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SinkStats {
-    pub records: u64,
-    pub data_bytes: u64,
-    /// Sequence number after the last record consumed.
-    pub next_seq: u64,
+/// A sink consuming its ring.
+#[derive(Debug)]
+pub enum StartedSink {
+    /// The log drains the ring on the thread that calls
+    /// [`StartedSink::finish`]: its appends are system calls.
+    Log(LogWriter, CaptureReceiver),
+    /// The producers drop the records themselves (see
+    /// [`capture_ring_inline`]): no thread to wake per write.
+    Discard(InlineReceiver),
 }
 
 impl CaptureSink {
-    /// Drains `receiver` until every sender is gone, then closes the log
-    /// (flush + fsync). Blocking: run it on a thread of its own. On an error
-    /// the receiver is dropped, so further captures fail instead of being lost
-    /// silently.
-    pub fn drain(mut self, mut receiver: CaptureReceiver) -> Result<SinkStats, LogError> {
-        let mut stats = SinkStats {
-            next_seq: receiver.next_seq(),
-            ..Default::default()
-        };
-        loop {
-            let record = match receiver.try_recv() {
-                Some(record) => record,
-                None => {
-                    // About to wait: hand what we have to the kernel first.
-                    if let CaptureSink::Log(log) = &mut self {
-                        log.flush()?;
-                    }
-                    match receiver.recv() {
-                        Some(record) => record,
-                        None => break,
-                    }
-                }
-            };
-            if let CaptureSink::Log(log) = &mut self {
-                log.append(&record)?;
+    /// Creates a ring holding about `budget_bytes` of record data, numbered
+    /// from `first_seq`, for this sink; [`StartedSink::finish`] then
+    /// consumes it.
+    pub fn start(self, budget_bytes: usize, first_seq: u64) -> (CaptureSender, StartedSink) {
+        match self {
+            CaptureSink::Log(log) => {
+                let (sender, receiver) = capture_ring(budget_bytes, first_seq);
+                (sender, StartedSink::Log(log, receiver))
             }
-            stats.records += 1;
-            stats.data_bytes += record.data.len() as u64;
-            stats.next_seq = record.seq + 1;
+            CaptureSink::Discard => {
+                let (sender, receiver) = capture_ring_inline(budget_bytes, first_seq, drop);
+                (sender, StartedSink::Discard(receiver))
+            }
         }
-        if let CaptureSink::Log(log) = self {
-            log.close()?;
-        }
-        Ok(stats)
     }
+}
+
+impl StartedSink {
+    /// Consumes the ring until every sender is gone, then closes the log
+    /// (flush + fsync). Blocking: run it on a thread of its own. On an error
+    /// the receiver is dropped, so further captures fail instead of being
+    /// lost silently.
+    pub fn finish(self) -> Result<Delivered, LogError> {
+        match self {
+            StartedSink::Log(log, receiver) => drain_into_log(log, receiver),
+            StartedSink::Discard(receiver) => Ok(receiver.wait_closed()),
+        }
+    }
+}
+
+fn drain_into_log(
+    mut log: LogWriter,
+    mut receiver: CaptureReceiver,
+) -> Result<Delivered, LogError> {
+    loop {
+        let record = match receiver.try_recv() {
+            Some(record) => record,
+            None => {
+                // About to wait: hand what we have to the kernel first.
+                log.flush()?;
+                match receiver.recv() {
+                    Some(record) => record,
+                    None => break,
+                }
+            }
+        };
+        log.append(&record)?;
+    }
+    log.close()?;
+    Ok(receiver.delivered())
 }
