@@ -1,9 +1,10 @@
 //! Capture: every change the filter makes to its backing disk becomes a
 //! [`Record`] in a bounded lock-free ring, in an order that respects
 //! causality, before the client hears that the change is done. Consumers
-//! drain the ring: the capture log (a local file of the stream) or the
-//! replication pipeline. A [`Tag`] names an application-consistent point,
-//! captured as a tagged barrier.
+//! drain the ring: on a thread of their own, the capture log (a local file
+//! of the stream) or the replication pipeline; inline, on the producers'
+//! threads, a consumer as cheap as discarding ([`sink`]). A [`Tag`] names an
+//! application-consistent point, captured as a tagged barrier.
 pub mod format;
 pub mod log;
 pub mod record;
