@@ -9,9 +9,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backing::{Backing, BackingError, BackingOptions};
 use crate::capture::log::{LogError, LogWriter};
-use crate::capture::ring::Delivered;
 use crate::capture::sink::CaptureSink;
-use crate::capture::CaptureSender;
+use crate::capture::{CaptureSender, Delivered};
 use crate::nbd::{Export, ExportConfig};
 use crate::protected::ProtectedDisk;
 use crate::server::{self, ListenAddr, Listener};

@@ -1,5 +1,7 @@
 //! Where the captured stream goes in the filter on its own: a capture log, or
-//! nowhere (drained and dropped, so capture still costs what it costs).
+//! nowhere (numbered, ringed and handed out in order like any stream, then
+//! dropped by the connections' threads as they push, so capture still costs
+//! what it costs).
 
 use super::log::{LogError, LogWriter};
 use super::ring::{capture_ring, capture_ring_inline, CaptureReceiver, Delivered, InlineReceiver};
@@ -43,9 +45,9 @@ impl CaptureSink {
 
 impl StartedSink {
     /// Consumes the ring until every sender is gone, then closes the log
-    /// (flush + fsync). Blocking: run it on a thread of its own. On an error
-    /// the receiver is dropped, so further captures fail instead of being
-    /// lost silently.
+    /// (flush + fsync). Blocking: run it on a thread of its own. If the log
+    /// fails, its receiver is dropped, so further captures fail instead of
+    /// being lost silently.
     pub fn finish(self) -> Result<Delivered, LogError> {
         match self {
             StartedSink::Log(log, receiver) => drain_into_log(log, receiver),
