@@ -302,7 +302,17 @@ fn two_connections_write_disjoint_halves_concurrently() {
             &mut aio_script(&filter, &disk, "verify", half, *seed),
         );
     }
-    filter.stop_ok();
+    // Without a capture log the connections' threads consume the ring
+    // themselves, taking turns: every record must have been handed out once,
+    // in order. Each writer made 256 writes and a flush, each verifier a
+    // flush.
+    let log = filter.stop_ok();
+    let records = 2 * (256 + 1) + 2;
+    assert!(
+        log.contains(&format!("records={records} "))
+            && log.contains(&format!("next_seq={records}")),
+        "the filter's summary should count {records} records, numbered from 0:\n{log}"
+    );
 }
 
 // ---------------------------------------------------------------------------
