@@ -120,27 +120,17 @@ fn check_stream(
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(24))]
+    #![proptest_config(ProptestConfig::with_cases(48))]
 
     #[test]
     fn nothing_lost_doubled_or_reordered(
+        drainer in prop_oneof![Just(Drainer::Thread), Just(Drainer::Inline)],
         budget_pages in 2usize..64,
         producers in 1u64..6,
         per_producer in 1u64..300,
         data_len in 0usize..10_000,
     ) {
-        let stream = run(Drainer::Thread, budget_pages * CREDIT_BYTES, producers, per_producer, data_len);
-        check_stream(stream, producers, per_producer, data_len)?;
-    }
-
-    #[test]
-    fn nothing_lost_doubled_or_reordered_when_producers_consume(
-        budget_pages in 2usize..64,
-        producers in 1u64..6,
-        per_producer in 1u64..300,
-        data_len in 0usize..10_000,
-    ) {
-        let stream = run(Drainer::Inline, budget_pages * CREDIT_BYTES, producers, per_producer, data_len);
+        let stream = run(drainer, budget_pages * CREDIT_BYTES, producers, per_producer, data_len);
         check_stream(stream, producers, per_producer, data_len)?;
     }
 }
