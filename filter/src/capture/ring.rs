@@ -177,19 +177,6 @@ impl Cursor {
 }
 
 impl Shared {
-    fn new(budget_bytes: usize, first_seq: u64, receiver: Unparker, consumer: Consumer) -> Self {
-        let total_credits = credits_for(budget_bytes);
-        Shared {
-            queue: ArrayQueue::new(total_credits),
-            credits: Semaphore::new(total_credits),
-            total_credits,
-            next_seq: AtomicU64::new(first_seq),
-            senders: AtomicUsize::new(1),
-            receiver,
-            consumer,
-        }
-    }
-
     fn cost(&self, data_len: usize) -> usize {
         (1 + data_len.div_ceil(CREDIT_BYTES)).min(self.total_credits)
     }
@@ -200,27 +187,39 @@ impl Shared {
     }
 }
 
-fn credits_for(budget_bytes: usize) -> usize {
-    (budget_bytes / CREDIT_BYTES).max(2)
+/// The shared state of a ring holding about `budget_bytes` of record data,
+/// numbered from `first_seq`, whose consumer `consumer` makes from the
+/// ring's credit count; and the parker its receiver sleeps on.
+fn shared_state(
+    budget_bytes: usize,
+    first_seq: u64,
+    consumer: impl FnOnce(usize) -> Consumer,
+) -> (Arc<Shared>, Parker) {
+    let total_credits = (budget_bytes / CREDIT_BYTES).max(2);
+    let parker = Parker::new();
+    let shared = Shared {
+        queue: ArrayQueue::new(total_credits),
+        credits: Semaphore::new(total_credits),
+        total_credits,
+        next_seq: AtomicU64::new(first_seq),
+        senders: AtomicUsize::new(1),
+        receiver: parker.unparker().clone(),
+        consumer: consumer(total_credits),
+    };
+    (Arc::new(shared), parker)
 }
 
 /// Creates a ring holding at most about `budget_bytes` of record data, whose
 /// first record gets sequence number `first_seq`, drained by a thread of its
 /// own through the [`CaptureReceiver`].
 pub fn capture_ring(budget_bytes: usize, first_seq: u64) -> (CaptureSender, CaptureReceiver) {
-    let total_credits = credits_for(budget_bytes);
-    let wake = ThreadWake {
-        batch: (total_credits / 4).clamp(1, 64),
-        credits: (WAKE_BYTES / CREDIT_BYTES).min(total_credits / 2),
-        state: WakeState::new(),
-    };
-    let parker = Parker::new();
-    let shared = Arc::new(Shared::new(
-        budget_bytes,
-        first_seq,
-        parker.unparker().clone(),
-        Consumer::Thread(wake),
-    ));
+    let (shared, parker) = shared_state(budget_bytes, first_seq, |total_credits| {
+        Consumer::Thread(ThreadWake {
+            batch: (total_credits / 4).clamp(1, 64),
+            credits: (WAKE_BYTES / CREDIT_BYTES).min(total_credits / 2),
+            state: WakeState::new(),
+        })
+    });
     let receiver = CaptureReceiver {
         shared: shared.clone(),
         parker,
@@ -242,13 +241,9 @@ pub fn capture_ring_inline(
         cursor: Cursor::new(first_seq),
         consume: Box::new(consume),
     };
-    let parker = Parker::new();
-    let shared = Arc::new(Shared::new(
-        budget_bytes,
-        first_seq,
-        parker.unparker().clone(),
-        Consumer::Inline(Combiner::new(consumer)),
-    ));
+    let (shared, parker) = shared_state(budget_bytes, first_seq, |_| {
+        Consumer::Inline(Combiner::new(consumer))
+    });
     let receiver = InlineReceiver {
         shared: shared.clone(),
         parker,
@@ -394,11 +389,6 @@ impl CaptureReceiver {
             self.parker.park();
         }
         wake.state.awake();
-    }
-
-    /// The sequence number of the next record to be handed out.
-    pub fn next_seq(&self) -> u64 {
-        self.cursor.delivered.next_seq
     }
 
     /// What was handed out so far.
